@@ -1,0 +1,1 @@
+"""ENAS4D: efficient multi-stage CNN architecture search for dynamic inference."""
