@@ -1,0 +1,51 @@
+# Two commands for a fresh clone (README): `make repro` runs the pipeline, `make test` runs the tests.
+# Both create .venv when it is missing, install the package (only when pyproject.toml changed: torch alone
+# is ~6 GB, never reinstalled) and make sure the dataset is there.
+
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.enas4d-installed
+P ?=
+
+export PATH := $(CURDIR)/$(BIN):$(PATH)
+# DVC keeps per-repo state in a machine-wide site cache (/var/tmp/dvc); a root or CI run would leave it
+# owned by root for everyone else, so each checkout keeps its own under .dvc/tmp (git-ignored).
+export DVC_SITE_CACHE_DIR ?= $(CURDIR)/.dvc/tmp/site-cache
+
+.PHONY: repro test install data profile
+
+repro: data
+	dvc repro
+
+test: data
+	$(BIN)/python -m pytest -q
+
+install: $(STAMP)
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -e '.[dev]'
+	touch $@
+
+# Exit 3 from `check` means Fashion-MNIST is not installed: install Debian's package when we can,
+# otherwise `check` has already printed what to do.
+data: install
+	@$(BIN)/python -m enas4d.data check; rc=$$?; \
+	if [ $$rc -eq 3 ] && command -v apt-get >/dev/null && [ "$$(id -u)" -eq 0 ]; then \
+	  echo "installing Debian package dataset-fashion-mnist"; \
+	  export DEBIAN_FRONTEND=noninteractive; \
+	  apt-get install -y dataset-fashion-mnist || { apt-get update && apt-get install -y dataset-fashion-mnist; } \
+	    && $(BIN)/python -m enas4d.data check; \
+	elif [ $$rc -eq 3 ]; then \
+	  echo "as root: apt-get install dataset-fashion-mnist (or see the options above), then rerun make" >&2; exit 1; \
+	else exit $$rc; fi
+
+profile:
+	@test -n "$(P)" || { echo "usage: make profile P=<name>; profiles: $$(ls profiles | sed 's/\.yaml$$//' | tr '\n' ' ')" >&2; exit 2; }
+	@test -f profiles/$(P).yaml || { echo "no profile profiles/$(P).yaml; profiles: $$(ls profiles | sed 's/\.yaml$$//' | tr '\n' ' ')" >&2; exit 2; }
+	cp profiles/$(P).yaml params.yaml
+	@echo "params.yaml is now the '$(P)' profile (git checkout params.yaml restores the default)"

@@ -1,0 +1,137 @@
+"""Run a pipeline notebook with papermill, and the small helpers notebooks use to write their outputs.
+
+Every DVC stage is ``python -m enas4d.notebook notebooks/NN_name.ipynb``: the params file is validated
+first (one-line error), the notebook's ``parameters`` cell is inspected, the top-level params sections
+of those names are injected, and the executed copy lands in ``reports/notebooks/`` only when every cell
+ran (written to a temp file, then renamed), so a failed run never leaves a half-executed copy that DVC
+could take for a result. A failing cell fails the stage with the notebook's own traceback.
+
+Notebooks declare their sections as ``None`` in the parameters cell and pass them to
+``enas4d.config.load("params.yaml", overrides=...)``: run by hand in JupyterLab they read params.yaml,
+run by papermill they get the injected values.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from enas4d import config
+
+OUT_DIR = Path("reports/notebooks")
+
+
+class NotebookError(RuntimeError):
+    """A notebook that could not run or whose cell failed; the last line of the message says which."""
+
+
+def project_root(start: str | Path | None = None) -> Path:
+    """The nearest directory at or above ``start`` (default: cwd) that holds dvc.yaml.
+
+    Notebooks ``os.chdir`` there first, so the same relative paths work under papermill (run from the
+    root) and in JupyterLab (where the kernel starts in ``notebooks/``).
+    """
+    here = Path(start or Path.cwd()).resolve()
+    for d in (here, *here.parents):
+        if (d / "dvc.yaml").is_file():
+            return d
+    raise FileNotFoundError(f"{here}: no dvc.yaml here or above; open the notebook from the enas4d checkout")
+
+
+def _tmp_for(path: Path) -> Path:
+    return path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
+
+
+def write_json(path: str | Path, obj: Any) -> Path:
+    """Write ``obj`` as indented JSON atomically (temp file, then rename); for DVC metrics files."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp_for(path)
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def save_figure(fig: Any, path: str | Path, dpi: int = 120) -> Path:
+    """Save a matplotlib figure atomically, in the format of ``path``'s suffix."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp_for(path)
+    fig.savefig(tmp, dpi=dpi, bbox_inches="tight", format=path.suffix.lstrip(".") or "png")
+    os.replace(tmp, path)
+    return path
+
+
+def parameters(notebook: str | Path, params: str | Path = "params.yaml") -> dict[str, Any]:
+    """The values papermill injects: each name of the notebook's parameters cell, from ``params``."""
+    import papermill
+
+    cfg = config.to_dict(config.load(params))
+    declared = papermill.inspect_notebook(str(notebook))
+    unknown = [name for name in declared if name not in cfg]
+    if unknown:
+        raise NotebookError(f"{notebook}: parameter {unknown[0]!r} is not a top-level key of {params} "
+                            f"(allowed: {', '.join(cfg)})")
+    return {name: cfg[name] for name in declared}
+
+
+def run(notebook: str | Path, params: str | Path = "params.yaml", out_dir: str | Path = OUT_DIR) -> Path:
+    """Execute ``notebook`` with its parameters from ``params``; return the executed copy's path."""
+    import papermill
+    from papermill.exceptions import PapermillExecutionError
+
+    notebook = Path(notebook)
+    if not notebook.is_file():
+        raise NotebookError(f"{notebook}: notebook not found")
+    values = parameters(notebook, params)
+    out = Path(out_dir) / notebook.name
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp_for(out)
+    try:
+        papermill.execute_notebook(str(notebook), str(tmp), parameters=values, kernel_name="python3",
+                                   cwd=str(Path.cwd()), progress_bar=os.environ.get("ENAS4D_QUIET") != "1",
+                                   # the kernel's own log (e.g. its warning that the loopback socket is not
+                                   # encrypted) is noise in stage logs; cell errors still come through
+                                   extra_arguments=["--IPKernelApp.log_level=ERROR"])
+        os.replace(tmp, out)
+    except PapermillExecutionError as err:
+        raise NotebookError(f"{str(err).strip()}\n{notebook}: {_cell_name(notebook, err.source)} failed: "
+                            f"{err.ename}: {err.evalue}") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+    return out
+
+
+def _cell_name(notebook: Path, source: str) -> str:
+    """'cell N ("first line")', N counted in the source notebook (papermill's count includes its injected cell)."""
+    import nbformat
+
+    cells = nbformat.read(notebook, as_version=4).cells
+    number = next((i for i, c in enumerate(cells, 1) if c.source == source), None)
+    first = source.strip().splitlines()[0] if source.strip() else ""
+    first = first if len(first) <= 60 else first[:57] + "..."
+    return f'cell {number} ("{first}")' if number else f'cell "{first}"'
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m enas4d.notebook",
+                                     description="Execute a pipeline notebook with its params (papermill).")
+    parser.add_argument("notebook", help="notebooks/NN_name.ipynb")
+    parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    parser.add_argument("--out-dir", default=str(OUT_DIR), help=f"where the executed copy goes (default: {OUT_DIR})")
+    args = parser.parse_args(argv)
+    try:
+        out = run(args.notebook, args.params, args.out_dir)
+    except (config.ConfigError, NotebookError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(f"{args.notebook} -> {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,52 @@
+"""Shared test set-up: one thread, no progress bars, and small datasets (fake IDX files, real Fashion-MNIST)."""
+
+from __future__ import annotations
+
+import gzip
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+os.environ["ENAS4D_QUIET"] = "1"
+torch.set_num_threads(1)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write_idx(path: Path, array: np.ndarray) -> Path:
+    """Write a uint8 array as an IDX file (gzipped when ``path`` ends in .gz)."""
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    data = header + np.ascontiguousarray(array, dtype=np.uint8).tobytes()
+    path.write_bytes(gzip.compress(data) if path.suffix == ".gz" else data)
+    return path
+
+
+@pytest.fixture
+def fake_fmnist(tmp_path: Path) -> Callable[..., Path]:
+    """Factory: a directory of four Fashion-MNIST-format IDX files with random 28x28 images."""
+
+    def make(name: str = "fmnist", n_train: int = 60, n_test: int = 20, seed: int = 0, gz: bool = True) -> Path:
+        d = tmp_path / name
+        d.mkdir()
+        rng = np.random.default_rng(seed)
+        ext = ".gz" if gz else ""
+        for prefix, n in (("train", n_train), ("t10k", n_test)):
+            write_idx(d / f"{prefix}-images-idx3-ubyte{ext}", rng.integers(0, 256, (n, 28, 28), dtype=np.uint8))
+            write_idx(d / f"{prefix}-labels-idx1-ubyte{ext}", np.arange(n, dtype=np.uint8) % 10)
+        return d
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def fmnist_prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Real Fashion-MNIST split at smoke size (2000 train / 500 metric / 500 test), prepared once per session."""
+    from enas4d import data
+
+    out = tmp_path_factory.mktemp("fmnist") / "prepared"
+    data.prepare("fashion-mnist", None, False, 500, 2000, 500, out, None, seed=0)
+    return out
