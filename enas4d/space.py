@@ -14,6 +14,7 @@ that earlier stage, so it computes channels ``[0, mid(e_s))`` itself (the paper'
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from dataclasses import dataclass
@@ -78,8 +79,9 @@ class MultiStageArch:
                    tuple(tuple(x) for x in d["kernels"]), tuple(tuple(x) for x in d["expands"]))
 
 
+@functools.lru_cache(maxsize=None)
 def _nondecreasing(choices: tuple[int, ...], n: int) -> list[tuple[int, ...]]:
-    """All non-decreasing sequences of length ``n`` over sorted ``choices``."""
+    """All non-decreasing sequences of length ``n`` over sorted ``choices`` (cached: evolution calls it a lot)."""
     return list(itertools.combinations_with_replacement(sorted(choices), n))
 
 
@@ -94,11 +96,11 @@ class SearchSpace:
     kernels: tuple[int, ...] = (3, 5, 7)
     stages: int = 3
 
-    @property
+    @cached_property
     def max_depth(self) -> int:
         return max(self.depths)
 
-    @property
+    @cached_property
     def slots(self) -> int:
         return self.units * self.max_depth
 
@@ -186,8 +188,9 @@ class SearchSpace:
         if n:
             seqs = _nondecreasing(self.expands, n)
             seq = seqs[int(rng.integers(len(seqs)))]
+            picks = rng.integers(len(self.kernels), size=n)
             for i, s in enumerate(range(first, self.stages)):
-                ks[s] = int(rng.choice(self.kernels))
+                ks[s] = self.kernels[picks[i]]
                 es[s] = seq[i]
         return ks, es
 
@@ -249,8 +252,13 @@ class SearchSpace:
         """Each unit (its depths and blocks) and the resolution come whole from one parent: always valid."""
         pick = [a if rng.random() < 0.5 else b for _ in range(self.units)]
         res = (a if rng.random() < 0.5 else b).resolution
-        depths = [self._unit_depths(p)[u] for u, p in enumerate(pick)]
-        return self._assemble(res, depths, lambda u, j, first: self._slot(pick[u], u * self.max_depth + j))
+        m = self.max_depth
+
+        def join(field: str, per_unit: int) -> tuple[tuple[int, ...], ...]:
+            return tuple(tuple(v for u, p in enumerate(pick) for v in getattr(p, field)[s][u * per_unit:(u + 1) * per_unit])
+                         for s in range(a.num_stages))
+
+        return MultiStageArch(res, join("depths", 1), join("kernels", m), join("expands", m))
 
     def check(self, a: MultiStageArch) -> None:
         """Raise ValueError naming what makes ``a`` invalid (stage checks, then monotonicity)."""
@@ -290,9 +298,6 @@ class SearchSpace:
                 o += len(self.depths)
         v[o + self.resolutions.index(a.resolution)] = 1
         return v
-
-    def encode_many(self, archs: list[MultiStageArch]) -> np.ndarray:
-        return np.stack([self.encode(a) for a in archs]) if archs else np.zeros((0, self.encoding_size), np.float32)
 
 
 def log10_size(space: SearchSpace) -> float:

@@ -89,7 +89,7 @@ def test_check_names_the_problem():
 def test_encoding_is_one_hot_and_injective():
     rng = np.random.default_rng(3)
     archs = [FMNIST.sample(rng) for _ in range(200)]
-    X = FMNIST.encode_many(archs)
+    X = np.stack([FMNIST.encode(a) for a in archs])
     assert X.shape == (200, FMNIST.encoding_size)
     assert set(np.unique(X)) <= {0.0, 1.0}
     # every stage has one depth per unit and one resolution; blocks run by a stage have one kernel and one width

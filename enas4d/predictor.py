@@ -1,0 +1,245 @@
+"""The metric predictor: an MLP from the one-hot arch encoding to the best R of the arch (paper: 3 x 400, ReLU).
+
+Trained as in the paper (Adam, lr 1e-4, weight decay 1e-5, 30 epochs, RMSE loss) on R computed from the
+database, with archs split into training and held-out sets (an arch's rows never straddle the split).
+Two choices beyond the paper:
+
+- **Standardized targets.** Best R values of different archs differ by ~1e-2 around ~0.9; the network
+  learns ``(R - mean) / std`` (mean/std of the training rows, stored in the model), so the loss sees the
+  differences between archs rather than the offset. ``standardize=False`` trains on raw R for comparison.
+- **Conditional predictor.** With ``cond`` (one ``(omega, target)`` pair per column of ``y``) the network also
+  takes the normalized pair as input and is trained on every (arch, pair) row, so one model predicts R for
+  an omega or target it was not trained on, without retraining.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy.stats import kendalltau
+from torch import nn
+
+_FORMAT = "enas4d.predictor/1"
+
+
+class MetricPredictor(nn.Module):
+    """MLP on ``[encoding | normalized (omega, target)]`` whose output is R in its own units."""
+
+    def __init__(self, in_features: int, hidden: Sequence[int], n_cond: int = 0) -> None:
+        super().__init__()
+        self.in_features, self.hidden, self.n_cond = int(in_features), tuple(int(h) for h in hidden), int(n_cond)
+        layers: list[nn.Module] = []
+        width = self.in_features + self.n_cond
+        for h in self.hidden:
+            layers += [nn.Linear(width, h), nn.ReLU()]
+            width = h
+        layers.append(nn.Linear(width, 1))
+        self.mlp = nn.Sequential(*layers)
+        self.register_buffer("y_mean", torch.zeros(()))
+        self.register_buffer("y_std", torch.ones(()))
+        self.register_buffer("cond_mean", torch.zeros(self.n_cond))
+        self.register_buffer("cond_std", torch.ones(self.n_cond))
+
+    def standardized(self, x: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+        """The network output, ``(R - y_mean) / y_std`` (the scale the loss is taken on)."""
+        if self.n_cond:
+            x = torch.cat([x, (cond - self.cond_mean) / self.cond_std], dim=1)
+        return self.mlp(x).squeeze(1)
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+        return self.y_mean + self.y_std * self.standardized(x, cond)
+
+
+@dataclass
+class PredictorEval:
+    """How well a predictor ranks and fits archs it was not trained on, and the points of a scatter plot."""
+
+    rmse: float  # in R units, over all rows
+    kendall_tau: float  # archs ranked by predicted vs true R, per objective, averaged over objectives
+    y_true: np.ndarray  # one row per arch (per (arch, objective) for a conditional predictor)
+    y_pred: np.ndarray
+    cond: np.ndarray | None  # (omega, target) of each row, conditional predictor only
+    per_objective: list[dict]  # rmse and kendall_tau of each objective (one entry without cond)
+
+    def to_dict(self) -> dict:
+        """JSON-ready summary (no per-row arrays)."""
+        return {"rmse": self.rmse, "kendall_tau": self.kendall_tau, "per_objective": self.per_objective}
+
+
+@dataclass
+class TrainReport:
+    held_out: PredictorEval  # on the held-out archs
+    seconds: float  # training wall time
+    n_train: int  # training archs
+    val_archs: np.ndarray  # rows of X held out
+    epoch_loss: list[float]  # mean training RMSE per epoch, standardized units
+
+    def to_dict(self) -> dict:
+        return {**self.held_out.to_dict(), "seconds": self.seconds, "n_train": self.n_train,
+                "n_val": len(self.val_archs), "epoch_loss": self.epoch_loss}
+
+
+def _rows(X: np.ndarray, y: np.ndarray, cond: np.ndarray | None, archs: np.ndarray):
+    """Rows (features, condition, R) of the given archs: one per arch, or one per (arch, objective)."""
+    if cond is None:
+        return X[archs], None, y[archs]
+    p = len(cond)
+    return np.repeat(X[archs], p, axis=0), np.tile(cond, (len(archs), 1)), y[archs].reshape(-1)
+
+
+def _check(X: np.ndarray, y: np.ndarray, cond: np.ndarray | None) -> None:
+    if X.ndim != 2 or len(X) != len(y):
+        raise ValueError(f"X must be [archs, features] with one row per arch of y; got X {X.shape}, y {y.shape}")
+    if cond is None and y.ndim != 1:
+        raise ValueError(f"y must be [archs] without cond, got {y.shape}")
+    if cond is not None and (cond.ndim != 2 or cond.shape[1] != 2 or y.shape != (len(X), len(cond))):
+        raise ValueError(f"cond must be [objectives, 2] (omega, target) and y [archs, objectives]; "
+                         f"got cond {cond.shape}, y {y.shape}")
+    if not (np.all(np.isfinite(X)) and np.all(np.isfinite(y))):
+        raise ValueError("X and y must be finite")
+
+
+def train_predictor(X: np.ndarray, y: np.ndarray, *, hidden: Sequence[int], lr: float, weight_decay: float,
+                    epochs: int, batch_size: int, val_fraction: float, seed: int,
+                    cond: np.ndarray | None = None, standardize: bool = True) -> tuple[MetricPredictor, TrainReport]:
+    """Train on a random ``1 - val_fraction`` of the archs and report on the rest.
+
+    ``X`` is [archs, features]; ``y`` is [archs] (best R for one objective) or, with ``cond`` [P, 2] of
+    ``(omega, target)`` pairs, [archs, P]. Same ``seed`` => same split, initialisation, batches and model.
+    """
+    X, y = np.asarray(X, dtype=np.float32), np.asarray(y, dtype=np.float64)
+    cond = None if cond is None else np.asarray(cond, dtype=np.float64)
+    _check(X, y, cond)
+    if not 0 < val_fraction < 1:
+        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    perm = np.random.default_rng(seed).permutation(len(X))
+    n_val = round(val_fraction * len(X))
+    if n_val < 2 or len(X) - n_val < 1:
+        raise ValueError(f"{len(X)} archs with val_fraction {val_fraction} leave {n_val} held out (need >= 2) "
+                         f"and {len(X) - n_val} for training")
+    train, val = np.sort(perm[n_val:]), np.sort(perm[:n_val])
+    xt, ct, yt = _rows(X, y, cond, train)
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = MetricPredictor(X.shape[1], hidden, 0 if cond is None else cond.shape[1])
+        gen = torch.Generator().manual_seed(seed)
+    if standardize:
+        model.y_mean.fill_(float(yt.mean()))
+        model.y_std.fill_(max(float(yt.std()), 1e-12))
+    if cond is not None:
+        model.cond_mean.copy_(torch.from_numpy(cond.mean(0)))
+        spread = cond.std(0)
+        model.cond_std.copy_(torch.from_numpy(np.where(spread > 0, spread, 1.0)))
+
+    xt_t = torch.from_numpy(xt)
+    ct_t = None if ct is None else torch.from_numpy(ct).float()
+    target = (torch.from_numpy(yt).float() - model.y_mean) / model.y_std
+    optim = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
+    start, losses = time.perf_counter(), []
+    model.train()
+    for _ in range(epochs):
+        order, total = torch.randperm(len(xt_t), generator=gen), 0.0
+        for lo in range(0, len(order), batch_size):
+            b = order[lo:lo + batch_size]
+            out = model.standardized(xt_t[b], None if ct_t is None else ct_t[b])
+            loss = torch.sqrt(nn.functional.mse_loss(out, target[b]))
+            optim.zero_grad(set_to_none=True)
+            loss.backward()
+            optim.step()
+            total += loss.item() * len(b)
+        losses.append(total / len(order))
+    seconds = time.perf_counter() - start
+    model.eval()
+
+    return model, TrainReport(evaluate_predictor(model, X[val], y[val], cond), seconds, len(train), val, losses)
+
+
+def evaluate_predictor(model: MetricPredictor, X: np.ndarray, y: np.ndarray,
+                       cond: np.ndarray | None = None) -> PredictorEval:
+    """RMSE and Kendall tau of ``model`` on archs ``X`` with true R ``y`` ([archs] or [archs, P] with ``cond``).
+
+    Kendall tau ranks archs for one objective at a time (ranking across objectives would reward merely
+    knowing that a looser target gives a higher R); with several objectives it is their mean.
+    """
+    X, y = np.asarray(X, dtype=np.float32), np.asarray(y, dtype=np.float64)
+    cond = None if cond is None else np.asarray(cond, dtype=np.float64)
+    _check(X, y, cond)
+    true = y[:, None] if cond is None else y
+    pred = np.stack([predict(model, X, c) for c in ([None] if cond is None else cond)], axis=1)
+    per = []
+    for p in range(true.shape[1]):
+        entry = {"rmse": float(np.sqrt(np.mean((pred[:, p] - true[:, p]) ** 2))),
+                 "kendall_tau": float(kendalltau(true[:, p], pred[:, p]).statistic)}
+        if cond is not None:
+            entry.update(omega=float(cond[p, 0]), target=float(cond[p, 1]))
+        per.append(entry)
+    rows = None if cond is None else np.tile(cond, (len(X), 1))  # arch-major, as _rows
+    return PredictorEval(float(np.sqrt(np.mean((pred - true) ** 2))), float(np.mean([e["kendall_tau"] for e in per])),
+                         true.reshape(-1), pred.reshape(-1), rows, per)
+
+
+@torch.inference_mode()
+def predict(model: MetricPredictor, X: np.ndarray, cond: np.ndarray | Sequence[float] | None = None,
+            batch_size: int = 8192) -> np.ndarray:
+    """Predicted R for the rows of ``X``; ``cond`` is one ``(omega, target)`` for all rows or one per row."""
+    X = np.asarray(X, dtype=np.float32)
+    if X.ndim != 2 or X.shape[1] != model.in_features:
+        raise ValueError(f"X must be [rows, {model.in_features}], got {X.shape}")
+    if (cond is None) != (model.n_cond == 0):
+        raise ValueError("a conditional predictor needs cond=(omega, target); a plain one takes none")
+    c = None
+    if cond is not None:
+        c = np.broadcast_to(np.asarray(cond, dtype=np.float32), (len(X), model.n_cond))
+    was_training = model.training
+    model.eval()
+    out = np.empty(len(X), dtype=np.float64)
+    for lo in range(0, len(X), batch_size):
+        cb = None if c is None else torch.tensor(c[lo:lo + batch_size])
+        out[lo:lo + batch_size] = model(torch.from_numpy(X[lo:lo + batch_size]), cb).numpy()
+    model.train(was_training)
+    return out
+
+
+def save(model: MetricPredictor, path: str | os.PathLike) -> None:
+    """Write the weights and the sizes needed to rebuild the model, atomically (temp file + os.replace)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    blob = {"format": _FORMAT, "state_dict": model.state_dict(),
+            "meta": {"in_features": model.in_features, "hidden": list(model.hidden), "n_cond": model.n_cond}}
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    try:
+        os.fchmod(fd, 0o644)  # mkstemp makes the file private
+        with os.fdopen(fd, "wb") as f:
+            torch.save(blob, f)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def load(path: str | os.PathLike) -> MetricPredictor:
+    """Read a model written by ``save``; anything else raises one ValueError naming the file."""
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as err:  # torch raises many kinds for a corrupt or foreign file
+        raise ValueError(f"{path}: not a readable predictor checkpoint ({type(err).__name__})") from None
+    if not isinstance(blob, dict) or blob.get("format") != _FORMAT:
+        raise ValueError(f"{path}: not an enas4d predictor checkpoint (expected format {_FORMAT})")
+    try:
+        meta = blob["meta"]
+        model = MetricPredictor(meta["in_features"], meta["hidden"], meta["n_cond"])
+        model.load_state_dict(blob["state_dict"])
+    except (KeyError, TypeError, RuntimeError) as err:
+        reason = str(err).splitlines()[0]
+        raise ValueError(f"{path}: predictor checkpoint does not match its sizes ({reason})") from None
+    return model.eval()
