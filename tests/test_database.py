@@ -1,0 +1,89 @@
+"""Confidence/correctness database: contents equal a direct evaluation, determinism, sharded resume, validation."""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import pytest
+import torch
+
+from enas4d import cost, database
+from enas4d.evaluate import recalibrate_bn
+from enas4d.multistage import MultiStageNet
+from enas4d.space import SearchSpace
+from enas4d.supernet import PRESETS, OFAMobileNetV3, resize
+
+torch.set_num_threads(1)
+SPEC = PRESETS["fmnist_small"]
+
+
+@functools.cache
+def setup() -> tuple[MultiStageNet, SearchSpace, torch.Tensor, torch.Tensor, torch.Tensor]:
+    torch.manual_seed(0)
+    space = SearchSpace(units=len(SPEC.units), resolutions=(16, 20), stages=3)
+    msnet = MultiStageNet(OFAMobileNetV3(SPEC, space)).eval()
+    g = torch.Generator().manual_seed(1)
+    images = torch.randn(24, 1, 28, 28, generator=g)
+    labels = torch.randint(0, 10, (24,), generator=g)
+    calib = torch.randn(16, 1, 28, 28, generator=g)
+    return msnet, space, images, labels, calib
+
+
+def build(out, **kw):
+    msnet, space, images, labels, calib = setup()
+    args = dict(archs=5, shard_size=2, batch_size=8, seed=3, out=out, weights_id="w0")
+    args.update(kw)
+    return database.build(msnet, space, SPEC, images, labels, calib, **args)
+
+
+def test_database_holds_every_stage_of_every_arch(tmp_path):
+    out = build(tmp_path / "db")
+    db = database.load(out)
+    msnet, space, images, labels, calib = setup()
+    assert db.conf.shape == db.correct.shape == (5, 24, 3) and db.conf.dtype == np.float16
+    assert db.archs == database.sample_archs(space, 5, seed=3)
+    a = db.archs[3]
+    net = recalibrate_bn(msnet.export(a), resize(calib, a.resolution), 8)
+    with torch.no_grad():
+        probs = torch.stack([torch.softmax(z, 1) for z in net(resize(images, a.resolution))], 1)
+    conf, pred = probs.max(2)
+    np.testing.assert_allclose(db.conf[3].astype(np.float32), conf.numpy(), atol=1e-3)
+    np.testing.assert_array_equal(db.correct[3], (pred == labels[:, None]).numpy())
+    np.testing.assert_array_equal(db.macs[3], cost.stage_macs(SPEC, a))
+    assert database.validate(out)["archs"] == 5
+    assert not (tmp_path / "db.partial").exists()
+
+
+def test_same_seed_same_database_and_workers_resume(tmp_path):
+    whole = database.load(build(tmp_path / "a"))
+    # two workers, the second "killed" before it ran: nothing is finalized until every shard exists
+    partial = build(tmp_path / "b", worker=0, workers=2)
+    assert not (tmp_path / "b").exists() and partial.parent == tmp_path / "b.partial"
+    done = sorted(p.name for p in partial.glob("shard-*.npz"))
+    assert done == ["shard-00000.npz", "shard-00002.npz"]
+    build(tmp_path / "b", worker=1, workers=2)
+    merged = database.load(tmp_path / "b")
+    np.testing.assert_array_equal(merged.conf, whole.conf)
+    np.testing.assert_array_equal(merged.correct, whole.correct)
+    assert merged.archs == whole.archs
+
+
+def test_bad_databases_fail_naming_the_file(tmp_path):
+    out = build(tmp_path / "db")
+    shard = out / "shard-00001.npz"
+    with np.load(shard) as z:
+        arrays = {k: z[k] for k in z.files}
+    np.savez(shard, **{**arrays, "conf": arrays["conf"][:, :10]})
+    with pytest.raises(database.DatabaseError, match=r"shard-00001\.npz: conf \(2, 10, 3\)"):
+        database.validate(out)
+    shard.write_bytes(b"not a zip file")
+    with pytest.raises(database.DatabaseError, match=r"shard-00001\.npz: unreadable shard"):
+        database.load(out)
+    shard.unlink()
+    with pytest.raises(database.DatabaseError, match=r"shard-00001\.npz: missing shard"):
+        database.load(out)
+    (out / "manifest.json").unlink()
+    with pytest.raises(database.DatabaseError, match=r"manifest\.json: missing"):
+        database.load(out)
+    assert database.main(["validate", str(out)]) == 1
