@@ -354,6 +354,9 @@ def _check_cross(cfg: Config, source: str) -> None:
     if cfg.evolution.sample_size > cfg.evolution.population:
         raise _fail(source, "evolution.sample_size", cfg.evolution.sample_size,
                     f"an integer <= evolution.population ({cfg.evolution.population})")
+    if cfg.evolution.crossover_prob > 0 and cfg.evolution.sample_size < 2:
+        raise _fail(source, "evolution.sample_size", cfg.evolution.sample_size,
+                    "an integer >= 2 when evolution.crossover_prob > 0 (crossover needs two parents)")
     if d.train_limit is not None and cfg.pretrain.bn_calib_images > d.train_limit:
         raise _fail(source, "pretrain.bn_calib_images", cfg.pretrain.bn_calib_images,
                     f"an integer <= data.train_limit ({d.train_limit}): calibration images come from the train split")

@@ -92,6 +92,7 @@ def test_int_given_for_float_becomes_float(tmp_path: Path) -> None:
     ("data", [1, 2], "data: got [1, 2]; allowed: a mapping with keys name, root"),
     ("database.images", 20000, "database.images: got 20000; allowed: an integer <= data.metric_size (10000)"),
     ("evolution.sample_size", 500, "evolution.sample_size: got 500; allowed: an integer <= evolution.population"),
+    ("evolution.sample_size", 1, "evolution.sample_size: got 1; allowed: an integer >= 2 when evolution.crossover_prob > 0"),
     ("data.image_size", 28, "data.image_size: got 28; allowed: null for fashion-mnist"),
 ])
 def test_bad_values(tmp_path: Path, dotted: str, value: object, expected: str) -> None:
