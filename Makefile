@@ -13,6 +13,8 @@ export PATH := $(CURDIR)/$(BIN):$(PATH)
 # DVC keeps per-repo state in a machine-wide site cache (/var/tmp/dvc); a root or CI run would leave it
 # owned by root for everyone else, so each checkout keeps its own under .dvc/tmp (git-ignored).
 export DVC_SITE_CACHE_DIR ?= $(CURDIR)/.dvc/tmp/site-cache
+# Spinning OpenMP threads slow torch down 2-10x when anything else runs on the machine (see enas4d/__init__.py).
+export OMP_WAIT_POLICY ?= PASSIVE
 
 .PHONY: repro test install data profile
 

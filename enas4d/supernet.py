@@ -315,13 +315,12 @@ class OFAMobileNetV3(nn.Module):
         self.to(memory_format=torch.channels_last)
 
     def _init_static_weights(self) -> None:
-        """torchvision's MBv3 init for the plain layers (the elastic ops initialise themselves)."""
+        """Kaiming (fan-out) init for the plain convs, as torchvision's MBv3; the linear head layers keep
+        PyTorch's default init, which trained faster here than MBv3's N(0, 0.01) (train top-1 after 60 steps
+        at lr 0.2: 66% vs 50%). The elastic ops initialise themselves."""
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out")
-        for m in (self.head_layers.feature_mix, self.head_layers.classifier):
-            nn.init.normal_(m.weight, 0, 0.01)
-        nn.init.zeros_(self.head_layers.classifier.bias)
 
     def stem_features(self, x: Tensor) -> Tensor:
         """Stem and static first block (fixed width: shared by every subnet and every stage)."""

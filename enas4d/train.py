@@ -1,0 +1,539 @@
+"""Training: OFA progressive shrinking of the supernet, multi-stage fine-tuning, distillation, resume.
+
+Pretraining (``pretrain``) follows OFA: phase ``full`` trains the largest subnet alone (at random input
+resolutions) and becomes the teacher; then ``kernel`` (kernel sizes open), ``depth`` (+ depths) and
+``expand`` (+ widths; hidden channels are sorted by importance first) each sample one subnet per step
+from the phase's sub-space and distil from a frozen copy of the teacher run at the same resolution.
+Fine-tuning (``finetune``) is the paper's step: every step samples a multi-stage arch and sums each
+stage's loss, each with KD towards the pretrained supernet's largest subnet.
+
+Resume is exact: every per-batch random choice (shuffle, augmentation, arch sampling) is derived from
+``(seed, phase, epoch)``, the global RNG states are saved with the weights, optimizer and scheduler
+after every epoch, and a checkpoint is only written after a whole epoch finished with finite losses.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import dataclasses
+import functools
+import hashlib
+import json
+import math
+import os
+import random
+import tempfile
+import time
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from enas4d.data import Split, batches
+from enas4d.evaluate import evaluate_multistage, evaluate_subnet, split_images
+from enas4d.multistage import MultiStageNet
+from enas4d.progress import bar
+from enas4d.space import MultiStageArch, SearchSpace, SubnetArch
+from enas4d.supernet import OFAMobileNetV3, SupernetSpec, UnitSpec, resize
+
+PHASES = ("full", "kernel", "depth", "expand")
+SUPERNET_FORMAT = "enas4d-supernet/1"
+TRAIN_FORMAT = "enas4d-train/1"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used: the message is one line naming the file."""
+
+
+@dataclass
+class TrainResult:
+    """Per-epoch metrics of the whole run (resumed epochs included) and whether it ran to the end."""
+
+    history: list[dict[str, Any]]
+    complete: bool
+
+
+# ---------------------------------------------------------------------------------------------- seeding
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy's global RNG and torch (all devices), for code that uses the global RNGs."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict[str, Any]:
+    """The global RNG states as tensors and plain values, so ``torch.load(weights_only=True)`` reads them."""
+    _, keys, pos, has_gauss, gauss = np.random.get_state(legacy=True)
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss),
+                  "gauss": float(gauss)},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: Mapping[str, Any]) -> None:
+    """Restore what ``rng_state`` returned."""
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ---------------------------------------------------------------------------------------------- files
+
+
+def _atomic_write(path: Path, write: Callable[[Any], None], mode: str = "wb") -> None:
+    """Write via ``write(file)`` to a temp file beside ``path``, then rename: a kill never leaves half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, mode, **({"newline": ""} if "b" not in mode else {})) as f:
+            write(f)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def save_checkpoint(path: str | os.PathLike, state: Mapping[str, Any]) -> None:
+    """``torch.save`` of ``state`` (tensors, dicts, lists, plain values), written atomically."""
+    _atomic_write(Path(path), lambda f: torch.save(dict(state), f))
+
+
+def load_checkpoint(path: str | os.PathLike, required: Sequence[str] = ()) -> dict[str, Any]:
+    """A checkpoint dict read with ``weights_only=True``; CheckpointError naming the file if unusable."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint not found")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch.load raises many types (zip, pickle, EOF, runtime): all mean "corrupt"
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise CheckpointError(f"{path}: corrupt or not a torch checkpoint ({type(err).__name__}: {first})") from None
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: expected a dict checkpoint, got {type(obj).__name__}")
+    missing = [k for k in required if k not in obj]
+    if missing:
+        raise CheckpointError(f"{path}: not an enas4d checkpoint of this kind (missing key {missing[0]!r})")
+    return obj
+
+
+def load_weights(module: nn.Module, state: Mapping[str, Tensor], where: str) -> None:
+    """``module.load_state_dict(state)`` with a one-line CheckpointError naming ``where`` and the first bad key."""
+    own = module.state_dict()
+    missing = [k for k in own if k not in state]
+    extra = [k for k in state if k not in own]
+    if missing or extra:
+        key, what = (missing[0], "missing") if missing else (extra[0], "unexpected")
+        more = len(missing) + len(extra) - 1
+        suffix = f" (+{more} more)" if more else ""
+        raise CheckpointError(f"{where}: does not fit the model: {what} key {key!r}{suffix}")
+    for k, v in own.items():
+        if not isinstance(state[k], Tensor) or state[k].shape != v.shape:
+            got = tuple(state[k].shape) if isinstance(state[k], Tensor) else type(state[k]).__name__
+            raise CheckpointError(f"{where}: does not fit the model: {k!r} has shape {got}, model has {tuple(v.shape)}")
+    module.load_state_dict(state)
+
+
+def history_to_csv(history: Sequence[Mapping[str, Any]], path: str | os.PathLike) -> None:
+    """Per-epoch metrics as a CSV (columns: union of keys, first-seen order) for ``dvc plots``."""
+    columns: dict[str, None] = {}
+    for row in history:
+        columns.update(dict.fromkeys(row))
+
+    def write(f: Any) -> None:
+        w = csv.DictWriter(f, fieldnames=list(columns), restval="")
+        w.writeheader()
+        w.writerows(history)
+
+    _atomic_write(Path(path), write, "w")
+
+
+def weights_digest(model: nn.Module) -> str:
+    """SHA-256 of a model's state (names and bytes): resuming is only right from the same starting weights."""
+    h = hashlib.sha256()
+    for k, v in model.state_dict().items():
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _spec_dict(spec: SupernetSpec) -> dict[str, Any]:
+    return dataclasses.asdict(spec)
+
+
+def _space_dict(space: SearchSpace) -> dict[str, Any]:
+    return {f.name: list(v) if isinstance(v := getattr(space, f.name), tuple) else v
+            for f in dataclasses.fields(space)}
+
+
+def save_supernet(path: str | os.PathLike, supernet: OFAMobileNetV3, history: Sequence[Mapping[str, Any]] = (),
+                  space: SearchSpace | None = None) -> None:
+    """The supernet (spec, search space, weights) and its training history, in one self-describing file."""
+    save_checkpoint(path, {"format": SUPERNET_FORMAT, "spec": _spec_dict(supernet.spec),
+                           "space": _space_dict(space or supernet.space), "model": supernet.state_dict(),
+                           "history": list(history)})
+
+
+def load_supernet(path: str | os.PathLike, device: torch.device | str = "cpu") -> OFAMobileNetV3:
+    """Rebuild the supernet written by ``save_supernet`` (``pretrain``'s and ``finetune``'s final files)."""
+    ck = load_checkpoint(path, ("format", "spec", "space", "model"))
+    if ck["format"] != SUPERNET_FORMAT:
+        raise CheckpointError(f"{path}: format {ck['format']!r}, expected {SUPERNET_FORMAT!r}")
+    try:
+        s = ck["spec"]
+        spec = SupernetSpec(**{**s, "units": tuple(UnitSpec(**u) for u in s["units"])})
+        space = SearchSpace(**{k: tuple(v) if isinstance(v, list) else v for k, v in ck["space"].items()})
+        net = OFAMobileNetV3(spec, space)
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"{path}: bad supernet spec or search space ({err})") from None
+    load_weights(net, ck["model"], str(path))
+    return net.to(device)
+
+
+# ---------------------------------------------------------------------------------------------- losses
+
+
+def soft_cross_entropy(logits: Tensor, soft_targets: Tensor) -> Tensor:
+    """Cross-entropy against a distribution (OFA's KD loss: the teacher's softmax as the target)."""
+    return -(soft_targets * F.log_softmax(logits, 1)).sum(1).mean()
+
+
+def _backward(loss: Tensor) -> None:
+    """Backpropagate, refusing a non-finite loss (caught by ``_epoch``, which names where it happened)."""
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"loss is {loss.item()}")
+    loss.backward()
+
+
+def _sgd(model: nn.Module, lr: float, momentum: float, nesterov: bool, weight_decay: float) -> torch.optim.SGD:
+    """SGD with weight decay on conv/linear weights only (OFA: none on BN and biases)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.ndim > 1], "weight_decay": weight_decay},
+              {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]
+    return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=nesterov and momentum > 0)
+
+
+def _frozen_copy(model: OFAMobileNetV3) -> OFAMobileNetV3:
+    """The teacher: a copy without gradients. It runs in train mode (batch statistics), as OFA's teacher:
+    the supernet's shared running statistics fit no single subnet, so eval mode would be off."""
+    return copy.deepcopy(model).requires_grad_(False).train()
+
+
+def _at(arch: SubnetArch, resolution: int) -> SubnetArch:
+    return dataclasses.replace(arch, resolution=resolution)
+
+
+# ---------------------------------------------------------------------------------------------- the loop
+
+
+@dataclass(frozen=True)
+class _Phase:
+    name: str
+    epochs: int
+    teacher: bool  # distil from the frozen teacher in this phase
+
+
+# step(phase index, x, y, rng, teacher) -> per-batch stats; it calls _backward itself (several subnets
+# per step may accumulate gradients before the optimizer step).
+StepFn = Callable[[int, Tensor, Tensor, np.random.Generator, "OFAMobileNetV3 | None"], dict[str, float]]
+
+
+def _epoch_seeds(seed: int, phase: int, epoch: int) -> tuple[np.random.Generator, int]:
+    """Arch-sampling generator and data seed of one epoch: functions of (seed, phase, epoch) only."""
+    return np.random.default_rng([seed, phase, epoch]), int(np.random.SeedSequence([seed, phase]).generate_state(1)[0])
+
+
+def _resume_state(last: Path, kind: str, fingerprint: dict[str, Any]) -> dict[str, Any] | None:
+    """The checkpoint to resume from, or None when there is none or it belongs to a run with other settings."""
+    if not last.exists():
+        return None
+    ck = load_checkpoint(last, ("format", "kind", "fingerprint", "phase", "epoch", "step", "model", "optimizer",
+                                "scheduler", "teacher", "rng", "history"))
+    if ck["format"] != TRAIN_FORMAT or ck["kind"] != kind:
+        raise CheckpointError(f"{last}: holds a {ck['kind']!r} run ({ck['format']}); use another ckpt_dir for {kind!r}")
+    old = json.loads(json.dumps(ck["fingerprint"]))
+    new = json.loads(json.dumps(fingerprint))
+    if old != new:
+        key = next(k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k))
+        warnings.warn(f"{last}: written with other settings ({key}: {old.get(key)!r} -> {new.get(key)!r}); "
+                      "starting over", stacklevel=4)
+        return None
+    return ck
+
+
+def _train_epoch(step: StepFn, pi: int, epoch: int, desc: str, model: nn.Module, opt: torch.optim.Optimizer,
+                 sched: torch.optim.lr_scheduler.LRScheduler, teacher: OFAMobileNetV3 | None, train_split: Split,
+                 batch_size: int, steps: int, seed: int, augment: bool, last: Path) -> dict[str, float]:
+    """One epoch of ``steps`` full batches; returns the mean of every per-step statistic and the timings."""
+    rng, data_seed = _epoch_seeds(seed, pi, epoch)
+    device = next(model.parameters()).device
+    start, cpu_start = time.perf_counter(), time.process_time()
+    model.train()
+    sums: dict[str, float] = {}
+    data = batches(train_split, batch_size, shuffle=True, seed=data_seed, epoch=epoch, augment=augment)
+    with bar(total=steps, desc=desc, unit="step") as pb:
+        for i, (x, y) in zip(range(steps), data):
+            opt.zero_grad(set_to_none=True)
+            try:
+                stats = step(pi, x.to(device, non_blocking=True), y.to(device, non_blocking=True), rng, teacher)
+            except FloatingPointError as err:
+                kept = f"{last} holds the last finished epoch" if last.exists() else "no checkpoint was written"
+                raise FloatingPointError(f"{desc}, step {i + 1}/{steps}: {err}; training stopped ({kept})") from None
+            opt.step()
+            sched.step()
+            for k, v in stats.items():
+                sums[k] = sums.get(k, 0.0) + v
+            pb.update()
+            img_s = (i + 1) * batch_size / (time.perf_counter() - start)
+            pb.set_postfix(loss=f"{stats['loss']:.3f}", img_s=f"{img_s:.0f}")
+    return {"lr": sched.get_last_lr()[0], **{k: v / steps for k, v in sums.items()},
+            "train_seconds": time.perf_counter() - start, "train_cpu_seconds": time.process_time() - cpu_start}
+
+
+def _run(kind: str, model: OFAMobileNetV3, phases: Sequence[_Phase], step: StepFn,
+         evaluate: Callable[[int], dict[str, float]], on_phase_start: Callable[[int], None], train_split: Split, *,
+         batch_size: int, seed: int, augment: bool, optim: dict[str, Any], ckpt_dir: str | os.PathLike,
+         fingerprint: dict[str, Any], stop_after: int | None) -> TrainResult:
+    """Train ``phases`` in order with per-epoch checkpoints in ``ckpt_dir/last.pt``, resuming from it.
+
+    ``on_phase_start(i)`` runs when phase ``i`` starts afresh (not when resumed in its middle);
+    ``evaluate(i)`` adds validation metrics to each epoch's history row.
+    """
+    steps = len(train_split) // batch_size  # full batches only: a tiny last batch would skew BN statistics
+    if steps == 0:
+        raise ValueError(f"{kind}: {len(train_split)} training images do not fill one batch of {batch_size}")
+    last = Path(ckpt_dir) / "last.pt"
+    ck = _resume_state(last, kind, fingerprint)
+    history: list[dict[str, Any]] = list(ck["history"]) if ck else []
+    teacher = None
+    start_phase, start_epoch, global_step = 0, 0, 0
+    if ck:
+        load_weights(model, ck["model"], str(last))
+        if ck["teacher"] is not None:
+            teacher = _frozen_copy(model)
+            load_weights(teacher, ck["teacher"], f"{last} (teacher)")
+        start_phase = [p.name for p in phases].index(ck["phase"])
+        start_epoch, global_step = ck["epoch"], ck["step"]
+        set_rng_state(ck["rng"])
+    trained = 0
+    for pi, ph in enumerate(phases):
+        first = start_epoch if pi == start_phase else 0
+        if pi < start_phase or first >= ph.epochs:
+            continue
+        resumed = ck is not None and pi == start_phase and first > 0
+        if not resumed:
+            on_phase_start(pi)
+        if ph.teacher and teacher is None:
+            teacher = _frozen_copy(model)
+        opt = _sgd(model, **optim)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, ph.epochs * steps)
+        if resumed:
+            opt.load_state_dict(ck["optimizer"])
+            sched.load_state_dict(ck["scheduler"])
+        for epoch in range(first, ph.epochs):
+            start = time.perf_counter()
+            metrics = _train_epoch(step, pi, epoch, f"{kind} {ph.name} {epoch + 1}/{ph.epochs}", model, opt, sched,
+                                   teacher if ph.teacher else None, train_split, batch_size, steps, seed, augment,
+                                   last)
+            global_step += steps
+            history.append({"phase": ph.name, "epoch": epoch + 1, "global_epoch": len(history) + 1,
+                            "step": global_step, **metrics, **evaluate(pi), "seconds": time.perf_counter() - start})
+            save_checkpoint(last, {
+                "format": TRAIN_FORMAT, "kind": kind, "fingerprint": fingerprint, "phase": ph.name,
+                "epoch": epoch + 1, "step": global_step, "model": model.state_dict(),
+                "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                "teacher": None if teacher is None else teacher.state_dict(), "rng": rng_state(),
+                "history": history})
+            trained += 1
+            finished = epoch + 1 == ph.epochs and all(p.epochs == 0 for p in phases[pi + 1:])
+            if stop_after is not None and trained >= stop_after and not finished:
+                return TrainResult(history, complete=False)
+    return TrainResult(history, complete=True)
+
+
+def _check_args(batch_size: int, lr: float, **nonneg: float) -> None:
+    """One-line errors for arguments the loop cannot use (config.py checks params files the same way)."""
+    if not (isinstance(batch_size, int) and batch_size >= 1):
+        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
+        raise ValueError(f"lr must be a finite number > 0, got {lr!r}")
+    for k, v in nonneg.items():
+        if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
+            raise ValueError(f"{k} must be a finite number >= 0, got {v!r}")
+
+
+# ---------------------------------------------------------------------------------------------- pretraining
+
+
+def phase_space(space: SearchSpace, phase: str) -> SearchSpace:
+    """The sub-space a progressive-shrinking phase samples from (resolution is elastic in every phase)."""
+    top = {"kernels": (max(space.kernels),), "depths": (max(space.depths),), "expands": (max(space.expands),)}
+    opened = {"full": (), "kernel": ("kernels",), "depth": ("kernels", "depths"),
+              "expand": ("kernels", "depths", "expands")}
+    if phase not in opened:
+        raise ValueError(f"unknown phase {phase!r}; phases are {', '.join(PHASES)}")
+    return space.restrict(**{k: v for k, v in top.items() if k not in opened[phase]})
+
+
+def pretrain(supernet: OFAMobileNetV3, train_split: Split, calib_split: Split, val_split: Split | None, *,
+             ckpt_dir: str | os.PathLike, seed: int, epochs_full: int, epochs_kernel: int, epochs_depth: int,
+             epochs_expand: int, batch_size: int, lr: float, momentum: float = 0.9, nesterov: bool = True,
+             weight_decay: float = 3e-5, label_smoothing: float = 0.1, kd_ratio: float = 1.0,
+             subnets_per_step: int = 1, augment: bool = True, out: str | os.PathLike | None = None,
+             stop_after: int | None = None) -> TrainResult:
+    """OFA progressive shrinking of ``supernet`` (in place, on its device); writes ``out`` when complete.
+
+    Loss per sampled subnet: label-smoothed CE + ``kd_ratio`` x KD towards the teacher (the largest
+    subnet as it was after phase ``full``, frozen, at the subnet's resolution). SGD, cosine schedule per
+    phase, stepped per batch. After each epoch the largest and smallest subnets of the phase are
+    evaluated on ``val_split`` (BN recalibrated on ``calib_split``; skipped when ``val_split`` is None)
+    and a checkpoint is written; ``stop_after`` epochs end the call early (a simulated kill: call again
+    to resume). ``out`` defaults to ``ckpt_dir/supernet.pt``.
+    """
+    _check_args(batch_size, lr, epochs_full=epochs_full, epochs_kernel=epochs_kernel, epochs_depth=epochs_depth,
+                epochs_expand=epochs_expand, momentum=momentum, weight_decay=weight_decay, kd_ratio=kd_ratio,
+                label_smoothing=label_smoothing)
+    if subnets_per_step < 1:
+        raise ValueError(f"subnets_per_step must be >= 1, got {subnets_per_step}")
+    space = supernet.space
+    epochs = dict(zip(PHASES, (epochs_full, epochs_kernel, epochs_depth, epochs_expand)))
+    phases = [_Phase(p, epochs[p], p != "full" and kd_ratio > 0) for p in PHASES]
+    spaces = [phase_space(space, p) for p in PHASES]
+    biggest = space.largest()
+    calib = functools.cache(lambda: split_images(calib_split))  # read only if something is evaluated
+
+    def step(pi: int, x: Tensor, y: Tensor, rng: np.random.Generator,
+             teacher: OFAMobileNetV3 | None) -> dict[str, float]:
+        stats = dict.fromkeys(("loss", "ce", "train_top1") + (("kd",) if teacher is not None else ()), 0.0)
+        for _ in range(subnets_per_step):
+            arch = spaces[pi].sample_subnet(rng)
+            xr = resize(x, arch.resolution)
+            logits = supernet(xr, arch)
+            ce = F.cross_entropy(logits, y, label_smoothing=label_smoothing)
+            loss = ce
+            if teacher is not None:
+                with torch.no_grad():
+                    soft = F.softmax(teacher(xr, _at(biggest, arch.resolution)), 1)
+                kd = soft_cross_entropy(logits, soft)
+                loss = ce + kd_ratio * kd
+                stats["kd"] += kd.item() / subnets_per_step
+            _backward(loss)
+            stats["loss"] += loss.item() / subnets_per_step
+            stats["ce"] += ce.item() / subnets_per_step
+            stats["train_top1"] += (logits.argmax(1) == y).float().mean().item() / subnets_per_step
+        return stats
+
+    def on_phase_start(pi: int) -> None:
+        if PHASES[pi] == "expand":
+            supernet.sort_channels()  # OFA: the widest channels by importance, before widths go elastic
+
+    def evaluate(pi: int) -> dict[str, float]:
+        if val_split is None:
+            return {}
+        s = spaces[pi]
+        return {"val_top1_largest": evaluate_subnet(supernet, s.largest(), val_split, calib()),
+                "val_top1_smallest": evaluate_subnet(supernet, s.smallest(), val_split, calib())}
+
+    fingerprint = {"kind": "pretrain", "seed": seed, "epochs": list(epochs.values()), "batch_size": batch_size,
+                   "lr": lr, "momentum": momentum, "nesterov": nesterov, "weight_decay": weight_decay,
+                   "label_smoothing": label_smoothing, "kd_ratio": kd_ratio, "subnets_per_step": subnets_per_step,
+                   "augment": augment, "train_images": len(train_split), "space": _space_dict(space),
+                   "spec": _spec_dict(supernet.spec), "initial_weights": weights_digest(supernet)}
+    result = _run("pretrain", supernet, phases, step, evaluate, on_phase_start,
+                  train_split, batch_size=batch_size, seed=seed, augment=augment,
+                  optim=dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay),
+                  ckpt_dir=ckpt_dir, fingerprint=fingerprint, stop_after=stop_after)
+    if result.complete:
+        save_supernet(out or Path(ckpt_dir) / "supernet.pt", supernet, result.history)
+    return result
+
+
+# ---------------------------------------------------------------------------------------------- fine-tuning
+
+
+def curve_archs(space: SearchSpace, n: int, seed: int) -> list[MultiStageArch]:
+    """``n`` fixed random multi-stage archs (a function of ``seed``) whose per-stage accuracy is tracked."""
+    rng = np.random.default_rng([seed, 0x5EED])
+    return [space.sample(rng) for _ in range(n)]
+
+
+def finetune(supernet: OFAMobileNetV3, train_split: Split, calib_split: Split, val_split: Split | None, *,
+             ckpt_dir: str | os.PathLike, seed: int, stages: int, epochs: int, batch_size: int, lr: float = 4.5e-3,
+             momentum: float = 0.9, nesterov: bool = True, weight_decay: float = 3e-5, kd_ratio: float = 1.0,
+             label_smoothing: float = 0.1, augment: bool = True, eval_archs: int = 2,
+             out: str | os.PathLike | None = None, stop_after: int | None = None) -> TrainResult:
+    """The paper's fine-tuning for dynamic inference, in place; writes ``out`` when complete.
+
+    Each step samples a multi-stage arch of ``stages`` stages uniformly, runs ``MultiStageNet`` (all
+    stages) and minimizes sum_s [CE_s + ``kd_ratio`` x KD_s], every stage distilling from the frozen
+    pretrained supernet's largest subnet at the same resolution. SGD, per-batch cosine schedule, one
+    checkpoint per epoch in ``ckpt_dir/last.pt`` (resumable like ``pretrain``). After each epoch the
+    per-stage top-1 on ``val_split`` of ``eval_archs`` fixed random archs (``curve_archs``) is averaged
+    into ``val_top1_s{k}``. ``out`` (default ``ckpt_dir/multistage.pt``) is a ``save_supernet`` file
+    whose search space has ``stages`` stages.
+    """
+    _check_args(batch_size, lr, epochs=epochs, momentum=momentum, weight_decay=weight_decay, kd_ratio=kd_ratio,
+                label_smoothing=label_smoothing)
+    if stages < 1:
+        raise ValueError(f"stages must be >= 1, got {stages}")
+    space = supernet.space.restrict(stages=stages)
+    msnet = MultiStageNet(supernet)
+    biggest = space.largest()
+    calib = functools.cache(lambda: split_images(calib_split))
+    tracked = curve_archs(space, eval_archs, seed) if val_split is not None else []
+
+    def step(pi: int, x: Tensor, y: Tensor, rng: np.random.Generator,
+             teacher: OFAMobileNetV3 | None) -> dict[str, float]:
+        arch = space.sample(rng)
+        xr = resize(x, arch.resolution)
+        outs = msnet(xr, arch)
+        ce = sum(F.cross_entropy(o, y, label_smoothing=label_smoothing) for o in outs)
+        loss = ce
+        stats = {}
+        if teacher is not None:
+            with torch.no_grad():
+                soft = F.softmax(teacher(xr, _at(biggest, arch.resolution)), 1)
+            kd = sum(soft_cross_entropy(o, soft) for o in outs)
+            loss = ce + kd_ratio * kd
+            stats["kd"] = kd.item()
+        _backward(loss)
+        stats |= {"loss": loss.item(), "ce": ce.item()}
+        for s, o in enumerate(outs):
+            stats[f"train_top1_s{s + 1}"] = (o.argmax(1) == y).float().mean().item()
+        return stats
+
+    def evaluate(pi: int) -> dict[str, float]:
+        if not tracked:
+            return {}
+        accs = np.mean([evaluate_multistage(msnet, a, val_split, calib()) for a in tracked], axis=0)
+        return {f"val_top1_s{s + 1}": float(v) for s, v in enumerate(accs)}
+
+    fingerprint = {"kind": "finetune", "seed": seed, "stages": stages, "epochs": epochs, "batch_size": batch_size,
+                   "lr": lr, "momentum": momentum, "nesterov": nesterov, "weight_decay": weight_decay,
+                   "kd_ratio": kd_ratio, "label_smoothing": label_smoothing, "augment": augment,
+                   "train_images": len(train_split), "space": _space_dict(space), "spec": _spec_dict(supernet.spec),
+                   "initial_weights": weights_digest(supernet)}
+    result = _run("finetune", supernet, [_Phase("finetune", epochs, kd_ratio > 0)], step, evaluate,
+                  lambda pi: None, train_split, batch_size=batch_size, seed=seed, augment=augment,
+                  optim=dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay),
+                  ckpt_dir=ckpt_dir, fingerprint=fingerprint, stop_after=stop_after)
+    if result.complete:
+        save_supernet(out or Path(ckpt_dir) / "multistage.pt", supernet, result.history, space)
+    return result

@@ -1,0 +1,186 @@
+"""Training machinery: exact resume, checkpoints, NaN stop, BN recalibration, evaluation, curves."""
+
+from __future__ import annotations
+
+import csv
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from enas4d import data, train
+from enas4d.evaluate import evaluate_multistages, evaluate_subnets, recalibrate_bn, split_images
+from enas4d.multistage import MultiStageNet
+from enas4d.space import SearchSpace
+from enas4d.supernet import PRESETS, OFAMobileNetV3, resize
+
+torch.set_num_threads(1)
+SPACE = SearchSpace(units=5, resolutions=(16,))
+PRETRAIN = dict(seed=0, epochs_full=1, epochs_kernel=2, epochs_depth=0, epochs_expand=1, batch_size=16, lr=0.05)
+
+
+@pytest.fixture(scope="module")
+def splits(fmnist_prepared: Path) -> dict[str, data.Split]:
+    tr = data.load_split(fmnist_prepared, "train")
+    return {"train": data.subset(tr, 64, 0), "calib": data.subset(tr, 32, 1),
+            "val": data.subset(data.load_split(fmnist_prepared, "test"), 48, 0)}
+
+
+def fresh_net(seed: int = 0) -> OFAMobileNetV3:
+    train.seed_everything(seed)
+    return OFAMobileNetV3(PRESETS["fmnist_small"], SPACE)
+
+
+def same_state(a: nn.Module, b: nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def without_times(history: list[dict]) -> list[dict]:
+    return [{k: v for k, v in row.items() if "seconds" not in k} for row in history]
+
+
+def test_seed_everything_and_rng_state_roundtrip(tmp_path: Path) -> None:
+    def draws() -> tuple:
+        return random.random(), float(np.random.rand()), float(torch.rand(1))
+
+    train.seed_everything(3)
+    first = draws()
+    train.seed_everything(3)
+    assert draws() == first
+    train.save_checkpoint(tmp_path / "rng.pt", {"rng": train.rng_state()})
+    expected = draws()
+    train.seed_everything(99)
+    train.set_rng_state(train.load_checkpoint(tmp_path / "rng.pt", ("rng",))["rng"])  # weights_only load
+    assert draws() == expected
+
+
+def test_load_checkpoint_errors_name_the_file(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(train.CheckpointError, match="bad.pt: corrupt") as err:
+        train.load_checkpoint(bad)
+    assert "\n" not in str(err.value)
+    with pytest.raises(train.CheckpointError, match="missing.pt: checkpoint not found"):
+        train.load_checkpoint(tmp_path / "missing.pt")
+    train.save_checkpoint(tmp_path / "other.pt", {"model": {}})
+    with pytest.raises(train.CheckpointError, match="other.pt: .*missing key 'history'"):
+        train.load_checkpoint(tmp_path / "other.pt", ("model", "history"))
+
+
+def test_load_weights_rejects_wrong_keys_and_shapes() -> None:
+    net = nn.Linear(3, 2)
+    state = net.state_dict()
+    with pytest.raises(train.CheckpointError, match=r"ck.pt: .*'weight' has shape \(2, 4\)"):
+        train.load_weights(net, {**state, "weight": torch.zeros(2, 4)}, "ck.pt")
+    with pytest.raises(train.CheckpointError, match="ck.pt: .*missing key 'bias'"):
+        train.load_weights(net, {"weight": state["weight"]}, "ck.pt")
+    with pytest.raises(train.CheckpointError, match="ck.pt: .*unexpected key 'extra'"):
+        train.load_weights(net, {**state, "extra": torch.zeros(1)}, "ck.pt")
+
+
+def test_phase_spaces_open_one_dimension_at_a_time() -> None:
+    space = SearchSpace(units=5, resolutions=(16, 20))
+    got = {p: (s.kernels, s.depths, s.expands, s.resolutions)
+           for p in train.PHASES for s in [train.phase_space(space, p)]}
+    assert got["full"] == ((7,), (4,), (6,), (16, 20))
+    assert got["kernel"] == ((3, 5, 7), (4,), (6,), (16, 20))
+    assert got["depth"] == ((3, 5, 7), (2, 3, 4), (6,), (16, 20))
+    assert got["expand"] == ((3, 5, 7), (2, 3, 4), (3, 4, 6), (16, 20))
+
+
+def test_pretrain_killed_and_resumed_ends_with_identical_weights(tmp_path: Path, splits: dict) -> None:
+    whole = fresh_net()
+    full = train.pretrain(whole, splits["train"], splits["calib"], splits["val"], ckpt_dir=tmp_path / "a", **PRETRAIN)
+    assert full.complete and [r["phase"] for r in full.history] == ["full", "kernel", "kernel", "expand"]
+
+    # killed in the middle of phase "kernel" (optimizer/scheduler state in flight), then restarted
+    part = train.pretrain(fresh_net(), splits["train"], splits["calib"], splits["val"], ckpt_dir=tmp_path / "b",
+                          stop_after=2, **PRETRAIN)
+    assert not part.complete and not (tmp_path / "b" / "supernet.pt").exists()
+    torch.manual_seed(1234)  # a restarted process has other global RNG states: the checkpoint restores them
+    resumed_net = fresh_net()
+    resumed = train.pretrain(resumed_net, splits["train"], splits["calib"], splits["val"], ckpt_dir=tmp_path / "b",
+                             **PRETRAIN)
+    assert resumed.complete and same_state(whole, resumed_net)
+    assert without_times(resumed.history) == without_times(full.history)
+    row = full.history[-1]
+    assert 0 <= row["val_top1_smallest"] <= 1 and np.isfinite(row["kd"]) and row["step"] == 4 * 4
+    loaded = train.load_supernet(tmp_path / "b" / "supernet.pt")
+    assert same_state(loaded, whole) and loaded.space == SPACE
+
+
+def test_pretrain_starts_over_when_settings_change(tmp_path: Path, splits: dict) -> None:
+    args = dict(PRETRAIN, epochs_kernel=0, epochs_expand=0, epochs_full=2)
+    train.pretrain(fresh_net(), splits["train"], splits["calib"], None, ckpt_dir=tmp_path, stop_after=1, **args)
+    with pytest.warns(UserWarning, match="last.pt: written with other settings \\(lr: 0.05 -> 0.1\\)"):
+        run = train.pretrain(fresh_net(), splits["train"], splits["calib"], None, ckpt_dir=tmp_path, stop_after=1,
+                             **{**args, "lr": 0.1})
+    assert len(run.history) == 1 and run.history[0]["lr"] == pytest.approx(0.1 / 2)  # half-way down the new cosine
+
+
+def test_nonfinite_loss_stops_and_writes_no_checkpoint(tmp_path: Path, splits: dict) -> None:
+    net = fresh_net()
+    with torch.no_grad():
+        net.head_layers.classifier.bias.fill_(float("nan"))
+    with pytest.raises(FloatingPointError, match=r"pretrain full 1/1, step 1/4: loss is nan; .*no checkpoint"):
+        train.pretrain(net, splits["train"], splits["calib"], None, ckpt_dir=tmp_path, **PRETRAIN)
+    assert not any(tmp_path.iterdir())
+
+
+def test_finetune_resumes_exactly_and_tracks_every_stage(tmp_path: Path, splits: dict) -> None:
+    args = dict(seed=0, stages=2, epochs=2, batch_size=16, eval_archs=1)
+    whole = fresh_net()
+    full = train.finetune(whole, splits["train"], splits["calib"], splits["val"], ckpt_dir=tmp_path / "a", **args)
+    train.finetune(fresh_net(), splits["train"], splits["calib"], splits["val"], ckpt_dir=tmp_path / "b",
+                   stop_after=1, **args)
+    resumed_net = fresh_net()
+    resumed = train.finetune(resumed_net, splits["train"], splits["calib"], splits["val"], ckpt_dir=tmp_path / "b",
+                             **args)
+    assert same_state(whole, resumed_net) and not same_state(whole, fresh_net())
+    assert without_times(resumed.history) == without_times(full.history)
+    assert {"val_top1_s1", "val_top1_s2", "train_top1_s2"} <= full.history[-1].keys()
+    assert train.load_supernet(tmp_path / "b" / "multistage.pt").space.stages == 2
+    with pytest.raises(train.CheckpointError, match="holds a 'finetune' run"):
+        train.pretrain(fresh_net(), splits["train"], splits["calib"], None, ckpt_dir=tmp_path / "b", **PRETRAIN)
+
+
+def test_recalibrate_bn_computes_plain_averages_and_restores_settings() -> None:
+    torch.manual_seed(0)
+    conv, bn = nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4, momentum=0.3)
+    net = nn.Sequential(conv, bn).eval()
+    bn.running_mean.fill_(7.0)
+    images = torch.randn(40, 1, 12, 12)
+    recalibrate_bn(net, images, batch_size=16, resolution=10)  # 40 images -> 3 near-equal batches of 14/13/13
+    with torch.no_grad():
+        acts = [conv(resize(x, 10)) for x in torch.tensor_split(images, 3)]
+    expected = torch.stack([a.mean((0, 2, 3)) for a in acts]).mean(0)
+    torch.testing.assert_close(bn.running_mean, expected)
+    assert not net.training and bn.momentum == 0.3
+    with pytest.raises(ValueError, match="got the supernet itself"):
+        recalibrate_bn(MultiStageNet(fresh_net()), images, batch_size=16)
+
+
+def test_evaluation_leaves_the_supernet_alone_and_stage1_matches_static(splits: dict) -> None:
+    net = fresh_net()
+    net.train()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    calib = split_images(splits["calib"])
+    arch = SPACE.restrict(stages=3).sample(np.random.default_rng(1))
+    [per_stage] = evaluate_multistages(MultiStageNet(net), [arch], splits["val"], calib)
+    [static] = evaluate_subnets(net, [arch.stage(0)], splits["val"], calib)
+    assert len(per_stage) == 3 and all(0 <= a <= 1 for a in per_stage)
+    assert per_stage[0] == static  # stage 1 of a multi-stage net is the static subnet of its config
+    after = net.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before) and net.training
+
+
+def test_history_to_csv_writes_the_union_of_columns(tmp_path: Path) -> None:
+    path = tmp_path / "plots" / "curve.csv"
+    train.history_to_csv([{"epoch": 1, "loss": 2.0}, {"epoch": 2, "loss": 1.5, "val_top1": 0.5}], path)
+    rows = list(csv.DictReader(path.open()))
+    assert rows == [{"epoch": "1", "loss": "2.0", "val_top1": ""}, {"epoch": "2", "loss": "1.5", "val_top1": "0.5"}]
+    assert [p.name for p in path.parent.iterdir()] == ["curve.csv"]  # no temp file left behind
