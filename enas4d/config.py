@@ -75,6 +75,7 @@ class PretrainConfig:
     epochs_depth: int = _rule(ge=0)
     epochs_expand: int = _rule(ge=0)
     subnets_per_step: int = _rule(**POSITIVE)
+    precision: str = _rule(choices=("fp32", "bf16", "fp16"))
     bn_calib_images: int = _rule(**POSITIVE)
     eval_subnets: int = _rule(**POSITIVE)
 
@@ -91,6 +92,7 @@ class FinetuneConfig:
     nesterov: bool = _rule()
     weight_decay: float = _rule(ge=0)
     kd_ratio: float = _rule(ge=0)
+    precision: str = _rule(choices=("fp32", "bf16", "fp16"))
     eval_archs: int = _rule(**POSITIVE)
 
 

@@ -11,9 +11,14 @@ Layout of a finished database directory::
     shard-00000.npz       conf [A, n, S] float16, correct [A, n, S] bool, macs [A, S] int64, index [A]
     ...
 
-Shards are written atomically one by one into ``<out>.partial/`` (outside the DVC output, which DVC deletes
-before rerunning a stage), so a killed build resumes where it stopped; the finished directory is renamed
-into place at the end. ``worker``/``workers`` split the shards between processes (each writes its own).
+Shards are written atomically one by one into ``<out>.partial/<fingerprint>/`` (outside the DVC output,
+which DVC deletes before rerunning a stage), so a killed build resumes where it stopped; the finished
+directory is renamed into place at the end. ``worker``/``workers`` split the shards round-robin between
+processes, each writing only its own, so workers share nothing but the directory.
+
+``python -m enas4d.database build --workers N`` runs the pipeline's build in N worker processes (one GPU
+each on a GPU machine), then validates and finalizes it; a killed worker loses only its current shard,
+and rerunning the command starts workers just for the shards still missing.
 """
 
 from __future__ import annotations
@@ -23,6 +28,9 @@ import hashlib
 import json
 import os
 import shutil
+import signal
+import socket
+import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -31,7 +39,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from enas4d import cost
+from enas4d import config, cost
 from enas4d.evaluate import memory_format, recalibrate_bn
 from enas4d.progress import bar
 from enas4d.space import MultiStageArch, SearchSpace
@@ -64,12 +72,17 @@ class Database:
 
 
 def _atomic_bytes(path: Path, write) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Write through a temp file of this process's own (every worker writes the manifest), then rename."""
+    tmp = path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
 
 
 def _write_json(path: Path, obj: dict) -> None:
@@ -109,6 +122,39 @@ def _stage_outputs(net: torch.nn.Module, images: torch.Tensor, labels: torch.Ten
     return torch.cat(confs).numpy(), torch.cat(rights).numpy()
 
 
+@dataclass(frozen=True)
+class BuildPlan:
+    """Where a build's shards go and what they hold: a function of its settings alone, so every worker
+    (and the launcher) derives the same directory without talking to the others."""
+
+    work: Path  # <out>.partial/<fingerprint>
+    manifest: dict
+    archs: list[MultiStageArch]
+
+    def shards_of(self, worker: int = 0, workers: int = 1) -> list[int]:
+        """Shard numbers of ``worker`` (round-robin) that are not written yet."""
+        if not 0 <= worker < workers:
+            raise ValueError(f"worker {worker} outside 0..{workers - 1}")
+        names = self.manifest["shards"]
+        return [i for i in range(worker, len(names), workers) if not (self.work / names[i]).exists()]
+
+    def arch_range(self, shard: int) -> range:
+        size = self.manifest["shard_size"]
+        return range(shard * size, min(len(self.archs), (shard + 1) * size))
+
+
+def plan(space: SearchSpace, *, archs: int, shard_size: int, seed: int, images: int, weights_id: str,
+         out: str | Path) -> BuildPlan:
+    """The build of ``archs`` archs sampled with ``seed``, on ``images`` metric-set images, of weights ``weights_id``."""
+    arch_list = sample_archs(space, archs, seed)
+    n_shards = (archs + shard_size - 1) // shard_size
+    manifest = {"seed": seed, "stages": space.stages, "images": int(images), "shard_size": shard_size,
+                "weights": weights_id, "archs": [a.to_dict() for a in arch_list],
+                "shards": [f"shard-{i:05d}.npz" for i in range(n_shards)]}
+    out = Path(out)
+    return BuildPlan(out.with_name(out.name + ".partial") / _fingerprint(manifest), manifest, arch_list)
+
+
 def build(msnet, space: SearchSpace, spec, images: torch.Tensor, labels: torch.Tensor, calib: torch.Tensor, *,
           archs: int, shard_size: int, batch_size: int, seed: int, out: str | Path, weights_id: str,
           worker: int = 0, workers: int = 1, finalize: bool = True) -> Path:
@@ -116,51 +162,48 @@ def build(msnet, space: SearchSpace, spec, images: torch.Tensor, labels: torch.T
 
     ``images``/``labels`` are the metric-set images at native resolution (float, normalized) and
     ``calib`` the fixed BN-calibration images; ``weights_id`` names the multi-stage weights (e.g. the
-    checkpoint's hash) so a resumed build never mixes shards of different weights.
+    checkpoint's hash) so a resumed build never mixes shards of different weights. Only the shards of
+    ``worker`` (of ``workers``) are computed; with ``finalize`` the database is validated and moved to
+    ``out`` once every shard exists. Returns ``out`` when finalized, else the work directory.
     """
     out = Path(out)
     device = next(msnet.parameters()).device
     fmt = memory_format(device)
     images, labels, calib = images.to(device), labels.to(device), calib.to(device)
-    arch_list = sample_archs(space, archs, seed)
-    n_shards = (archs + shard_size - 1) // shard_size
-    manifest = {"seed": seed, "stages": space.stages, "images": int(len(images)), "shard_size": shard_size,
-                "weights": weights_id, "archs": [a.to_dict() for a in arch_list],
-                "shards": [f"shard-{i:05d}.npz" for i in range(n_shards)]}
-    work = out.with_name(out.name + ".partial") / _fingerprint(manifest)
-    work.mkdir(parents=True, exist_ok=True)
-    _write_json(work / "manifest.json", manifest)
-
-    mine = [i for i in range(n_shards) if i % workers == worker]
-    todo = [i for i in mine if not (work / manifest["shards"][i]).exists()]
-    resized: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    bp = plan(space, archs=archs, shard_size=shard_size, seed=seed, images=len(images), weights_id=weights_id,
+              out=out)
+    bp.work.mkdir(parents=True, exist_ok=True)
+    _write_json(bp.work / "manifest.json", bp.manifest)
+    todo = bp.shards_of(worker, workers)
+    # One resolution's images at a time (ImageNet: 10K images at 224 are 6 GB): each shard's archs run
+    # grouped by resolution, so a shard resizes the images at most once per resolution.
+    cached: tuple[int, torch.Tensor, torch.Tensor] | None = None
     done_archs, t0 = 0, time.perf_counter()
-    with bar(total=sum(len(range(i * shard_size, min(archs, (i + 1) * shard_size))) for i in todo),
-             desc=f"database worker {worker}", unit="arch") as progress:
+    with bar(total=sum(len(bp.arch_range(i)) for i in todo), desc=f"database worker {worker}",
+             unit="arch") as progress:
         for i in todo:
-            idx = list(range(i * shard_size, min(archs, (i + 1) * shard_size)))
-            confs, rights, macs = [], [], []
-            for j in idx:
-                a = arch_list[j]
-                if a.resolution not in resized:
-                    resized[a.resolution] = (resize(images, a.resolution).contiguous(memory_format=fmt),
-                                             resize(calib, a.resolution).contiguous(memory_format=fmt))
-                x, xc = resized[a.resolution]
+            rows: dict[int, tuple[np.ndarray, np.ndarray, list[int]]] = {}
+            for j in sorted(bp.arch_range(i), key=lambda j: bp.archs[j].resolution):
+                a = bp.archs[j]
+                if cached is None or cached[0] != a.resolution:
+                    cached = None  # free the previous resolution first
+                    cached = (a.resolution, resize(images, a.resolution).contiguous(memory_format=fmt),
+                              resize(calib, a.resolution).contiguous(memory_format=fmt))
+                _, x, xc = cached
                 net = msnet.export(a).to(memory_format=fmt)
                 recalibrate_bn(net, xc, batch_size, fmt=fmt)
-                c, r = _stage_outputs(net, x, labels, batch_size)
-                confs.append(c)
-                rights.append(r)
-                macs.append(cost.stage_macs(spec, a))
+                rows[j] = (*_stage_outputs(net, x, labels, batch_size), cost.stage_macs(spec, a))
                 done_archs += 1
                 progress.update(1)
                 progress.set_postfix(archs_per_s=f"{done_archs / (time.perf_counter() - t0):.2f}")
-            arrays = {"conf": np.stack(confs), "correct": np.stack(rights),
-                      "macs": np.asarray(macs, dtype=np.int64), "index": np.asarray(idx, dtype=np.int64)}
-            _atomic_bytes(work / manifest["shards"][i], lambda f: np.savez(f, **arrays))
-    if finalize and all((work / s).exists() for s in manifest["shards"]):
-        return finish(work, out)
-    return work
+            idx = list(bp.arch_range(i))
+            arrays = {"conf": np.stack([rows[j][0] for j in idx]), "correct": np.stack([rows[j][1] for j in idx]),
+                      "macs": np.asarray([rows[j][2] for j in idx], dtype=np.int64),
+                      "index": np.asarray(idx, dtype=np.int64)}
+            _atomic_bytes(bp.work / bp.manifest["shards"][i], lambda f: np.savez(f, **arrays))
+    if finalize and not bp.shards_of(0, 1):
+        return finish(bp.work, out)
+    return bp.work
 
 
 def finish(work: Path, out: Path) -> Path:
@@ -238,15 +281,124 @@ def load(path: str | Path) -> Database:
                     [MultiStageArch.from_dict(d) for d in manifest["archs"]], manifest)
 
 
+# ---------------------------------------------------------------------------------------------- command line
+
+
+def pipeline_plan(cfg: config.Config) -> BuildPlan:
+    """The pipeline's build under ``cfg`` (the fine-tuned weights are read on the CPU, only to name them)."""
+    from enas4d import pipeline, train  # pipeline imports this module
+
+    d = cfg.database
+    weights = train.weights_digest(train.load_supernet(pipeline.MULTISTAGE))
+    return plan(pipeline.space(cfg), archs=d.archs, shard_size=d.shard_size, seed=cfg.seed, images=d.images,
+                weights_id=weights, out=pipeline.DATABASE)
+
+
+def run_worker(cfg: config.Config, worker: int, workers: int) -> Path:
+    """Worker ``worker`` of ``workers`` of the pipeline's build, exactly as the database notebook builds
+    (same images, calibration, weights name and output), without finalizing; returns the work directory."""
+    from enas4d import pipeline, train  # pipeline imports this module
+
+    msnet = pipeline.load_multistage(cfg)
+    splits = pipeline.splits(cfg)
+    images, labels = pipeline.database_images(cfg, splits["metric"])
+    calib = pipeline.calib_images(cfg, splits["train"])
+    pipeline.ignored_dir(pipeline.DATABASE.with_name(pipeline.DATABASE.name + ".partial"))
+    settings = config.to_dict(cfg.database)
+    del settings["images"]
+    return build(msnet, pipeline.space(cfg), msnet.supernet.spec, images, labels, calib, seed=cfg.seed,
+                 out=pipeline.DATABASE, weights_id=train.weights_digest(msnet.supernet), worker=worker,
+                 workers=workers, finalize=False, **settings)
+
+
+def _exit_reason(code: int) -> str:
+    if code < 0:
+        return f"killed by {signal.Signals(-code).name}"
+    return f"exit code {code}"
+
+
+def launch(params: str | Path, workers: int, *, finalize: bool = True) -> Path:
+    """Build the pipeline's database with ``workers`` processes; return ``out`` (finalized) or the work dir.
+
+    Only workers with shards still missing run (none when ``out`` already holds this build). Each is a process ``python -m enas4d.database build
+    --worker i`` (on a CUDA machine it sees one GPU: ``i`` modulo the visible GPUs; on a CPU the ``threads``
+    of params are shared out), except that a lone pending worker runs in this process. If a worker fails,
+    the others finish their shards and DatabaseError names it: rerunning the command resumes.
+    """
+    from enas4d import pipeline  # pipeline imports this module
+
+    if workers < 1:
+        raise ValueError(f"--workers must be >= 1, got {workers}")
+    cfg = config.load(params)
+    bp = pipeline_plan(cfg)
+    out = Path(pipeline.DATABASE)
+    if (out / "manifest.json").exists() and _fingerprint(_read_manifest(out)) == bp.work.name:
+        return out  # this very build is already finished
+    pending = [w for w in range(workers) if bp.shards_of(w, workers)]
+    if len(pending) == 1:
+        pipeline.set_threads(cfg)
+        run_worker(cfg, pending[0], workers)
+    elif pending:
+        gpus = torch.cuda.device_count() if pipeline.device(cfg).type == "cuda" else 0
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        ids = visible.split(",") if visible else [str(g) for g in range(gpus)]
+        threads = cfg.threads if gpus else max(1, cfg.threads // len(pending))
+        procs: dict[int, subprocess.Popen] = {}
+        try:
+            for w in pending:
+                env = dict(os.environ)
+                if gpus:
+                    env["CUDA_VISIBLE_DEVICES"] = ids[w % len(ids)]
+                if w != pending[0]:
+                    env["ENAS4D_QUIET"] = "1"  # one progress bar, not N interleaved ones
+                procs[w] = subprocess.Popen(
+                    [sys.executable, "-m", "enas4d.database", "build", "--params", str(params), "--workers",
+                     str(workers), "--worker", str(w), "--threads", str(threads)], env=env)
+            codes = {w: p.wait() for w, p in procs.items()}
+        finally:
+            for p in procs.values():
+                if p.poll() is None:
+                    p.terminate()
+                    p.wait()
+        failed = {w: c for w, c in codes.items() if c != 0}
+        if failed:
+            what = "; ".join(f"worker {w} failed ({_exit_reason(c)})" for w, c in failed.items())
+            raise DatabaseError(f"{bp.work}: {what}; finished shards are kept: rerun the same command to build "
+                                "only the missing ones")
+    return finish(bp.work, out) if finalize else bp.work
+
+
 def main(argv: list[str] | None = None) -> int:
-    """``python -m enas4d.database validate DIR``: check a database and print its summary."""
-    p = argparse.ArgumentParser(prog="python -m enas4d.database")
-    p.add_argument("command", choices=["validate"])
-    p.add_argument("path")
-    args = p.parse_args(argv)
+    """``build`` (all workers, or one with ``--worker``), ``finish`` a build whose workers all ran, ``validate``."""
+    parser = argparse.ArgumentParser(prog="python -m enas4d.database", description=main.__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    b = commands.add_parser("build", help="build the pipeline's database (run from the project root)")
+    b.add_argument("--params", default="params.yaml")
+    b.add_argument("--workers", type=int, default=1, help="worker processes in all (one GPU each on CUDA)")
+    b.add_argument("--worker", type=int, default=None,
+                   help="run only this worker (0-based) in this process, e.g. one per machine; then `finish`")
+    b.add_argument("--threads", type=int, default=None, help="torch CPU threads of a --worker (default: threads)")
+    b.add_argument("--no-finish", action="store_true",
+                   help="leave the shards in <out>.partial/ (the database stage of `dvc repro` then finalizes)")
+    f = commands.add_parser("finish", help="validate and finalize a build whose shards all exist")
+    f.add_argument("--params", default="params.yaml")
+    v = commands.add_parser("validate", help="check a database directory and print its summary")
+    v.add_argument("path")
+    args = parser.parse_args(argv)
     try:
-        print(json.dumps(validate(args.path)))
-    except DatabaseError as err:
+        if args.command == "validate":
+            print(json.dumps(validate(args.path)))
+        elif args.command == "finish":
+            from enas4d import pipeline  # pipeline imports this module
+
+            print(finish(pipeline_plan(config.load(args.params)).work, Path(pipeline.DATABASE)))
+        elif args.worker is not None:
+            cfg = config.load(args.params)
+            torch.set_num_threads(args.threads or cfg.threads)
+            print(run_worker(cfg, args.worker, args.workers))
+        else:
+            print(launch(args.params, args.workers, finalize=not args.no_finish))
+    except ValueError as err:  # ConfigError, DataError, DatabaseError, CheckpointError are ValueErrors
         print(f"error: {err}", file=sys.stderr)
         return 1
     return 0

@@ -10,10 +10,17 @@ stage's loss, each with KD towards the pretrained supernet's largest subnet.
 Resume is exact: every per-batch random choice (shuffle, augmentation, arch sampling) is derived from
 ``(seed, phase, epoch)``, the global RNG states are saved with the weights, optimizer and scheduler
 after every epoch, and a checkpoint is only written after a whole epoch finished with finite losses.
+
+Scaling up: launched by ``torchrun`` (see ``enas4d.distributed`` and ``main``) every rank trains the same
+sampled arch on its shard of each batch and the ranks average gradients; ``micro_batches`` splits each
+(per-rank) batch into parts whose gradients add up, which is the same arithmetic as that many more ranks
+(BN normalises within a part) in less memory. ``precision`` runs forward passes under ``torch.autocast``
+(bf16, or fp16 with loss scaling); weights and optimizer state stay fp32.
 """
 
 from __future__ import annotations
 
+import argparse
 import copy
 import csv
 import dataclasses
@@ -23,6 +30,7 @@ import json
 import math
 import os
 import random
+import sys
 import tempfile
 import time
 import warnings
@@ -36,6 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from enas4d import config, distributed
 from enas4d.data import Split, batches
 from enas4d.evaluate import evaluate_multistage, evaluate_subnet, split_images
 from enas4d.multistage import MultiStageNet
@@ -44,6 +53,7 @@ from enas4d.space import MultiStageArch, SearchSpace, SubnetArch
 from enas4d.supernet import OFAMobileNetV3, SupernetSpec, UnitSpec, resize
 
 PHASES = ("full", "kernel", "depth", "expand")
+PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 SUPERNET_FORMAT = "enas4d-supernet/1"
 TRAIN_FORMAT = "enas4d-train/1"
 
@@ -80,7 +90,7 @@ def rng_state() -> dict[str, Any]:
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda"] = torch.cuda.get_rng_state()  # the current device only: a rank owns one GPU
     return state
 
 
@@ -92,7 +102,7 @@ def set_rng_state(state: Mapping[str, Any]) -> None:
     np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state(state["cuda"])
 
 
 # ---------------------------------------------------------------------------------------------- files
@@ -215,13 +225,6 @@ def soft_cross_entropy(logits: Tensor, soft_targets: Tensor) -> Tensor:
     return -(soft_targets * F.log_softmax(logits, 1)).sum(1).mean()
 
 
-def _backward(loss: Tensor) -> None:
-    """Backpropagate, refusing a non-finite loss (caught by ``_epoch``, which names where it happened)."""
-    if not torch.isfinite(loss):
-        raise FloatingPointError(f"loss is {loss.item()}")
-    loss.backward()
-
-
 def _sgd(model: nn.Module, lr: float, momentum: float, nesterov: bool, weight_decay: float) -> torch.optim.SGD:
     """SGD with weight decay on conv/linear weights only (OFA: none on BN and biases)."""
     params = [p for p in model.parameters() if p.requires_grad]
@@ -250,9 +253,26 @@ class _Phase:
     teacher: bool  # distil from the frozen teacher in this phase
 
 
-# step(phase index, x, y, rng, teacher) -> per-batch stats; it calls _backward itself (several subnets
-# per step may accumulate gradients before the optimizer step).
-StepFn = Callable[[int, Tensor, Tensor, np.random.Generator, "OFAMobileNetV3 | None"], dict[str, float]]
+@dataclass(frozen=True)
+class _Task:
+    """What one kind of training does per step.
+
+    ``sample(phase, rng)`` draws the step's archs (one draw per step, not per batch part, and the same on
+    every rank: ``rng`` depends only on (seed, phase, epoch)); ``loss(phase, arch, x, y, teacher)`` is one
+    arch's loss and statistics on one batch part. Each arch's gradients are accumulated (OFA sums the
+    gradients of the subnets sampled in one step).
+    """
+
+    sample: Callable[[int, np.random.Generator], Sequence[Any]]
+    loss: Callable[[int, Any, Tensor, Tensor, "OFAMobileNetV3 | None"], tuple[Tensor, dict[str, float]]]
+
+
+@dataclass(frozen=True)
+class _Execution:
+    """How the steps run (not what they compute): batch parts and autocast precision."""
+
+    micro_batches: int
+    precision: str
 
 
 def _epoch_seeds(seed: int, phase: int, epoch: int) -> tuple[np.random.Generator, int]:
@@ -272,50 +292,83 @@ def _resume_state(last: Path, kind: str, fingerprint: dict[str, Any]) -> dict[st
     new = json.loads(json.dumps(fingerprint))
     if old != new:
         key = next(k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k))
-        warnings.warn(f"{last}: written with other settings ({key}: {old.get(key)!r} -> {new.get(key)!r}); "
-                      "starting over", stacklevel=4)
+        if distributed.context().main:
+            warnings.warn(f"{last}: written with other settings ({key}: {old.get(key)!r} -> {new.get(key)!r}); "
+                          "starting over", stacklevel=4)
         return None
     return ck
 
 
-def _train_epoch(step: StepFn, pi: int, epoch: int, desc: str, model: nn.Module, opt: torch.optim.Optimizer,
-                 sched: torch.optim.lr_scheduler.LRScheduler, teacher: OFAMobileNetV3 | None, train_split: Split,
-                 batch_size: int, steps: int, seed: int, augment: bool, last: Path) -> dict[str, float]:
-    """One epoch of ``steps`` full batches; returns the mean of every per-step statistic and the timings."""
+def _train_epoch(task: _Task, pi: int, epoch: int, desc: str, model: nn.Module, opt: torch.optim.Optimizer,
+                 sched: torch.optim.lr_scheduler.LRScheduler, scaler: torch.amp.GradScaler,
+                 teacher: OFAMobileNetV3 | None, train_split: Split, batch_size: int, steps: int, seed: int,
+                 augment: bool, last: Path, run: _Execution) -> dict[str, float]:
+    """One epoch of ``steps`` full batches; returns the mean of every per-step statistic and the timings.
+
+    Each rank takes its ``1 / world`` share of every batch, split further into ``run.micro_batches`` strided
+    parts: part ``j`` of rank ``r`` holds the batch positions ``r + world * (j + micro_batches * t)``, so a
+    run's arithmetic depends only on ``world * micro_batches``, not on how it is split into processes.
+    """
+    ctx = distributed.context()
     rng, data_seed = _epoch_seeds(seed, pi, epoch)
     device = next(model.parameters()).device
+    params = [p for p in model.parameters() if p.requires_grad]
+    dtype, parts = PRECISIONS[run.precision], run.micro_batches
     start, cpu_start = time.perf_counter(), time.process_time()
     model.train()
     sums: dict[str, float] = {}
-    data = batches(train_split, batch_size, shuffle=True, seed=data_seed, epoch=epoch, augment=augment)
-    with bar(total=steps, desc=desc, unit="step") as pb:
+    data = batches(train_split, batch_size // ctx.world, shuffle=True, seed=data_seed, epoch=epoch, augment=augment,
+                   rank=ctx.rank, world=ctx.world)
+    with bar(total=steps, desc=desc, unit="step", disable=not ctx.main) as pb:
         for i, (x, y) in zip(range(steps), data):
             opt.zero_grad(set_to_none=True)
-            try:
-                stats = step(pi, x.to(device, non_blocking=True), y.to(device, non_blocking=True), rng, teacher)
-            except FloatingPointError as err:
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            archs = task.sample(pi, rng)
+            stats: dict[str, float] = {}
+            error = None
+            for j in range(parts):
+                for arch in archs:
+                    with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                        loss, part_stats = task.loss(pi, arch, x[j::parts], y[j::parts], teacher)
+                    if not torch.isfinite(loss):
+                        error = f"loss is {loss.item()}" + (f" on rank {ctx.rank}" if ctx.world > 1 else "")
+                        break
+                    scaler.scale(loss / parts).backward()
+                    for k, v in part_stats.items():
+                        stats[k] = stats.get(k, 0.0) + v / (parts * len(archs))
+                if error is not None:
+                    break
+            if distributed.average_gradients(params, error is not None) and error is None:
+                error = "a non-finite loss on another rank"
+            if error is not None:
                 kept = f"{last} holds the last finished epoch" if last.exists() else "no checkpoint was written"
-                raise FloatingPointError(f"{desc}, step {i + 1}/{steps}: {err}; training stopped ({kept})") from None
-            opt.step()
-            sched.step()
+                raise FloatingPointError(f"{desc}, step {i + 1}/{steps}: {error}; training stopped ({kept})")
+            scaler.step(opt)  # fp16: skipped when the scaled gradients overflowed (the scale then shrinks)
+            scaler.update()
+            with warnings.catch_warnings():  # ... which torch reports as a scheduler stepped before its optimizer
+                warnings.filterwarnings("ignore", r"Detected call of `lr_scheduler\.step\(\)`", UserWarning)
+                sched.step()
             for k, v in stats.items():
                 sums[k] = sums.get(k, 0.0) + v
             pb.update()
             img_s = (i + 1) * batch_size / (time.perf_counter() - start)
             pb.set_postfix(loss=f"{stats['loss']:.3f}", img_s=f"{img_s:.0f}")
-    return {"lr": sched.get_last_lr()[0], **{k: v / steps for k, v in sums.items()},
+    means = distributed.mean_values({k: v / steps for k, v in sums.items()})
+    return {"lr": sched.get_last_lr()[0], **means,
             "train_seconds": time.perf_counter() - start, "train_cpu_seconds": time.process_time() - cpu_start}
 
 
-def _run(kind: str, model: OFAMobileNetV3, phases: Sequence[_Phase], step: StepFn,
+def _run(kind: str, model: OFAMobileNetV3, phases: Sequence[_Phase], task: _Task,
          evaluate: Callable[[int], dict[str, float]], on_phase_start: Callable[[int], None], train_split: Split, *,
          batch_size: int, seed: int, augment: bool, optim: dict[str, Any], ckpt_dir: str | os.PathLike,
-         fingerprint: dict[str, Any], stop_after: int | None) -> TrainResult:
+         fingerprint: dict[str, Any], stop_after: int | None, run: _Execution) -> TrainResult:
     """Train ``phases`` in order with per-epoch checkpoints in ``ckpt_dir/last.pt``, resuming from it.
 
     ``on_phase_start(i)`` runs when phase ``i`` starts afresh (not when resumed in its middle);
-    ``evaluate(i)`` adds validation metrics to each epoch's history row.
+    ``evaluate(i)`` adds validation metrics to each epoch's history row. Under torchrun every rank runs
+    this (all reading ``last.pt``: ``ckpt_dir`` must be on a filesystem every rank sees) and rank 0 writes.
     """
+    ctx = distributed.context()
     steps = len(train_split) // batch_size  # full batches only: a tiny last batch would skew BN statistics
     if steps == 0:
         raise ValueError(f"{kind}: {len(train_split)} training images do not fill one batch of {batch_size}")
@@ -332,6 +385,7 @@ def _run(kind: str, model: OFAMobileNetV3, phases: Sequence[_Phase], step: StepF
         start_phase = [p.name for p in phases].index(ck["phase"])
         start_epoch, global_step = ck["epoch"], ck["step"]
         set_rng_state(ck["rng"])
+    device_type = next(model.parameters()).device.type
     trained = 0
     for pi, ph in enumerate(phases):
         first = start_epoch if pi == start_phase else 0
@@ -344,23 +398,28 @@ def _run(kind: str, model: OFAMobileNetV3, phases: Sequence[_Phase], step: StepF
             teacher = _frozen_copy(model)
         opt = _sgd(model, **optim)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, ph.epochs * steps)
+        scaler = torch.amp.GradScaler(device_type, enabled=run.precision == "fp16")
         if resumed:
             opt.load_state_dict(ck["optimizer"])
             sched.load_state_dict(ck["scheduler"])
+            if ck.get("scaler"):
+                scaler.load_state_dict(ck["scaler"])
         for epoch in range(first, ph.epochs):
             start = time.perf_counter()
-            metrics = _train_epoch(step, pi, epoch, f"{kind} {ph.name} {epoch + 1}/{ph.epochs}", model, opt, sched,
-                                   teacher if ph.teacher else None, train_split, batch_size, steps, seed, augment,
-                                   last)
+            metrics = _train_epoch(task, pi, epoch, f"{kind} {ph.name} {epoch + 1}/{ph.epochs}", model, opt, sched,
+                                   scaler, teacher if ph.teacher else None, train_split, batch_size, steps, seed,
+                                   augment, last, run)
+            distributed.average_buffers(*([model] if teacher is None else [model, teacher]))
             global_step += steps
             history.append({"phase": ph.name, "epoch": epoch + 1, "global_epoch": len(history) + 1,
                             "step": global_step, **metrics, **evaluate(pi), "seconds": time.perf_counter() - start})
-            save_checkpoint(last, {
-                "format": TRAIN_FORMAT, "kind": kind, "fingerprint": fingerprint, "phase": ph.name,
-                "epoch": epoch + 1, "step": global_step, "model": model.state_dict(),
-                "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                "teacher": None if teacher is None else teacher.state_dict(), "rng": rng_state(),
-                "history": history})
+            if ctx.main:
+                save_checkpoint(last, {
+                    "format": TRAIN_FORMAT, "kind": kind, "fingerprint": fingerprint, "phase": ph.name,
+                    "epoch": epoch + 1, "step": global_step, "model": model.state_dict(),
+                    "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "scaler": scaler.state_dict(),
+                    "teacher": None if teacher is None else teacher.state_dict(), "rng": rng_state(),
+                    "history": history})
             trained += 1
             finished = epoch + 1 == ph.epochs and all(p.epochs == 0 for p in phases[pi + 1:])
             if stop_after is not None and trained >= stop_after and not finished:
@@ -368,7 +427,7 @@ def _run(kind: str, model: OFAMobileNetV3, phases: Sequence[_Phase], step: StepF
     return TrainResult(history, complete=True)
 
 
-def _check_args(batch_size: int, lr: float, **nonneg: float) -> None:
+def _check_args(batch_size: int, lr: float, micro_batches: int, precision: str, **nonneg: float) -> _Execution:
     """One-line errors for arguments the loop cannot use (config.py checks params files the same way)."""
     if not (isinstance(batch_size, int) and batch_size >= 1):
         raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
@@ -377,6 +436,15 @@ def _check_args(batch_size: int, lr: float, **nonneg: float) -> None:
     for k, v in nonneg.items():
         if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
             raise ValueError(f"{k} must be a finite number >= 0, got {v!r}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if not (isinstance(micro_batches, int) and micro_batches >= 1):
+        raise ValueError(f"micro_batches must be an integer >= 1, got {micro_batches!r}")
+    world = distributed.context().world
+    if batch_size % (world * micro_batches):
+        raise ValueError(f"batch_size {batch_size} does not split into {world} rank(s) x {micro_batches} "
+                         "micro-batch(es) of equal size")
+    return _Execution(micro_batches, precision)
 
 
 # ---------------------------------------------------------------------------------------------- pretraining
@@ -396,8 +464,8 @@ def pretrain(supernet: OFAMobileNetV3, train_split: Split, calib_split: Split, v
              ckpt_dir: str | os.PathLike, seed: int, epochs_full: int, epochs_kernel: int, epochs_depth: int,
              epochs_expand: int, batch_size: int, lr: float, momentum: float = 0.9, nesterov: bool = True,
              weight_decay: float = 3e-5, label_smoothing: float = 0.1, kd_ratio: float = 1.0,
-             subnets_per_step: int = 1, augment: bool = True, out: str | os.PathLike | None = None,
-             stop_after: int | None = None) -> TrainResult:
+             subnets_per_step: int = 1, augment: bool = True, precision: str = "fp32", micro_batches: int = 1,
+             out: str | os.PathLike | None = None, stop_after: int | None = None) -> TrainResult:
     """OFA progressive shrinking of ``supernet`` (in place, on its device); writes ``out`` when complete.
 
     Loss per sampled subnet: label-smoothed CE + ``kd_ratio`` x KD towards the teacher (the largest
@@ -405,13 +473,15 @@ def pretrain(supernet: OFAMobileNetV3, train_split: Split, calib_split: Split, v
     phase, stepped per batch. After each epoch the largest and smallest subnets of the phase are
     evaluated on ``val_split`` (BN recalibrated on ``calib_split``; skipped when ``val_split`` is None)
     and a checkpoint is written; ``stop_after`` epochs end the call early (a simulated kill: call again
-    to resume). ``out`` defaults to ``ckpt_dir/supernet.pt``.
+    to resume). ``out`` defaults to ``ckpt_dir/supernet.pt``. ``batch_size`` is the global batch (all
+    ranks together); ``precision`` and ``micro_batches``: see the module docstring.
     """
-    _check_args(batch_size, lr, epochs_full=epochs_full, epochs_kernel=epochs_kernel, epochs_depth=epochs_depth,
-                epochs_expand=epochs_expand, momentum=momentum, weight_decay=weight_decay, kd_ratio=kd_ratio,
-                label_smoothing=label_smoothing)
+    run = _check_args(batch_size, lr, micro_batches, precision, epochs_full=epochs_full, epochs_kernel=epochs_kernel,
+                      epochs_depth=epochs_depth, epochs_expand=epochs_expand, momentum=momentum,
+                      weight_decay=weight_decay, kd_ratio=kd_ratio, label_smoothing=label_smoothing)
     if subnets_per_step < 1:
         raise ValueError(f"subnets_per_step must be >= 1, got {subnets_per_step}")
+    distributed.broadcast_module(supernet)
     space = supernet.space
     epochs = dict(zip(PHASES, (epochs_full, epochs_kernel, epochs_depth, epochs_expand)))
     phases = [_Phase(p, epochs[p], p != "full" and kd_ratio > 0) for p in PHASES]
@@ -419,26 +489,23 @@ def pretrain(supernet: OFAMobileNetV3, train_split: Split, calib_split: Split, v
     biggest = space.largest()
     calib = functools.cache(lambda: split_images(calib_split))  # read only if something is evaluated
 
-    def step(pi: int, x: Tensor, y: Tensor, rng: np.random.Generator,
-             teacher: OFAMobileNetV3 | None) -> dict[str, float]:
-        stats = dict.fromkeys(("loss", "ce", "train_top1") + (("kd",) if teacher is not None else ()), 0.0)
-        for _ in range(subnets_per_step):
-            arch = spaces[pi].sample_subnet(rng)
-            xr = resize(x, arch.resolution)
-            logits = supernet(xr, arch)
-            ce = F.cross_entropy(logits, y, label_smoothing=label_smoothing)
-            loss = ce
-            if teacher is not None:
-                with torch.no_grad():
-                    soft = F.softmax(teacher(xr, _at(biggest, arch.resolution)), 1)
-                kd = soft_cross_entropy(logits, soft)
-                loss = ce + kd_ratio * kd
-                stats["kd"] += kd.item() / subnets_per_step
-            _backward(loss)
-            stats["loss"] += loss.item() / subnets_per_step
-            stats["ce"] += ce.item() / subnets_per_step
-            stats["train_top1"] += (logits.argmax(1) == y).float().mean().item() / subnets_per_step
-        return stats
+    def sample(pi: int, rng: np.random.Generator) -> list[SubnetArch]:
+        return [spaces[pi].sample_subnet(rng) for _ in range(subnets_per_step)]
+
+    def loss(pi: int, arch: SubnetArch, x: Tensor, y: Tensor,
+             teacher: OFAMobileNetV3 | None) -> tuple[Tensor, dict[str, float]]:
+        xr = resize(x, arch.resolution)
+        logits = supernet(xr, arch)
+        ce = F.cross_entropy(logits, y, label_smoothing=label_smoothing)
+        total, stats = ce, {}
+        if teacher is not None:
+            with torch.no_grad():
+                soft = F.softmax(teacher(xr, _at(biggest, arch.resolution)), 1)
+            kd = soft_cross_entropy(logits, soft)
+            total = ce + kd_ratio * kd
+            stats["kd"] = kd.item()
+        return total, {"loss": total.item(), "ce": ce.item(), **stats,
+                       "train_top1": (logits.argmax(1) == y).float().mean().item()}
 
     def on_phase_start(pi: int) -> None:
         if PHASES[pi] == "expand":
@@ -448,19 +515,21 @@ def pretrain(supernet: OFAMobileNetV3, train_split: Split, calib_split: Split, v
         if val_split is None:
             return {}
         s = spaces[pi]
-        return {"val_top1_largest": evaluate_subnet(supernet, s.largest(), val_split, calib()),
-                "val_top1_smallest": evaluate_subnet(supernet, s.smallest(), val_split, calib())}
+        largest, smallest = distributed.map_ranks(lambda a: evaluate_subnet(supernet, a, val_split, calib()),
+                                                  [s.largest(), s.smallest()])
+        return {"val_top1_largest": largest, "val_top1_smallest": smallest}
 
     fingerprint = {"kind": "pretrain", "seed": seed, "epochs": list(epochs.values()), "batch_size": batch_size,
                    "lr": lr, "momentum": momentum, "nesterov": nesterov, "weight_decay": weight_decay,
                    "label_smoothing": label_smoothing, "kd_ratio": kd_ratio, "subnets_per_step": subnets_per_step,
-                   "augment": augment, "train_images": len(train_split), "space": _space_dict(space),
-                   "spec": _spec_dict(supernet.spec), "initial_weights": weights_digest(supernet)}
-    result = _run("pretrain", supernet, phases, step, evaluate, on_phase_start,
+                   "augment": augment, "precision": precision, "train_images": len(train_split),
+                   "space": _space_dict(space), "spec": _spec_dict(supernet.spec),
+                   "initial_weights": weights_digest(supernet)}
+    result = _run("pretrain", supernet, phases, _Task(sample, loss), evaluate, on_phase_start,
                   train_split, batch_size=batch_size, seed=seed, augment=augment,
                   optim=dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay),
-                  ckpt_dir=ckpt_dir, fingerprint=fingerprint, stop_after=stop_after)
-    if result.complete:
+                  ckpt_dir=ckpt_dir, fingerprint=fingerprint, stop_after=stop_after, run=run)
+    if result.complete and distributed.context().main:
         save_supernet(out or Path(ckpt_dir) / "supernet.pt", supernet, result.history)
     return result
 
@@ -477,8 +546,9 @@ def curve_archs(space: SearchSpace, n: int, seed: int) -> list[MultiStageArch]:
 def finetune(supernet: OFAMobileNetV3, train_split: Split, calib_split: Split, val_split: Split | None, *,
              ckpt_dir: str | os.PathLike, seed: int, stages: int, epochs: int, batch_size: int, lr: float = 4.5e-3,
              momentum: float = 0.9, nesterov: bool = True, weight_decay: float = 3e-5, kd_ratio: float = 1.0,
-             label_smoothing: float = 0.1, augment: bool = True, eval_archs: int = 2,
-             out: str | os.PathLike | None = None, stop_after: int | None = None) -> TrainResult:
+             label_smoothing: float = 0.1, augment: bool = True, eval_archs: int = 2, precision: str = "fp32",
+             micro_batches: int = 1, out: str | os.PathLike | None = None,
+             stop_after: int | None = None) -> TrainResult:
     """The paper's fine-tuning for dynamic inference, in place; writes ``out`` when complete.
 
     Each step samples a multi-stage arch of ``stages`` stages uniformly, runs ``MultiStageNet`` (all
@@ -487,53 +557,108 @@ def finetune(supernet: OFAMobileNetV3, train_split: Split, calib_split: Split, v
     checkpoint per epoch in ``ckpt_dir/last.pt`` (resumable like ``pretrain``). After each epoch the
     per-stage top-1 on ``val_split`` of ``eval_archs`` fixed random archs (``curve_archs``) is averaged
     into ``val_top1_s{k}``. ``out`` (default ``ckpt_dir/multistage.pt``) is a ``save_supernet`` file
-    whose search space has ``stages`` stages.
+    whose search space has ``stages`` stages. ``batch_size``, ``precision``, ``micro_batches``: as ``pretrain``.
     """
-    _check_args(batch_size, lr, epochs=epochs, momentum=momentum, weight_decay=weight_decay, kd_ratio=kd_ratio,
-                label_smoothing=label_smoothing)
+    run = _check_args(batch_size, lr, micro_batches, precision, epochs=epochs, momentum=momentum,
+                      weight_decay=weight_decay, kd_ratio=kd_ratio, label_smoothing=label_smoothing)
     if stages < 1:
         raise ValueError(f"stages must be >= 1, got {stages}")
+    distributed.broadcast_module(supernet)
     space = supernet.space.restrict(stages=stages)
     msnet = MultiStageNet(supernet)
     biggest = space.largest()
     calib = functools.cache(lambda: split_images(calib_split))
     tracked = curve_archs(space, eval_archs, seed) if val_split is not None else []
 
-    def step(pi: int, x: Tensor, y: Tensor, rng: np.random.Generator,
-             teacher: OFAMobileNetV3 | None) -> dict[str, float]:
-        arch = space.sample(rng)
+    def sample(pi: int, rng: np.random.Generator) -> list[MultiStageArch]:
+        return [space.sample(rng)]
+
+    def loss(pi: int, arch: MultiStageArch, x: Tensor, y: Tensor,
+             teacher: OFAMobileNetV3 | None) -> tuple[Tensor, dict[str, float]]:
         xr = resize(x, arch.resolution)
         outs = msnet(xr, arch)
         ce = sum(F.cross_entropy(o, y, label_smoothing=label_smoothing) for o in outs)
-        loss = ce
-        stats = {}
+        total, stats = ce, {}
         if teacher is not None:
             with torch.no_grad():
                 soft = F.softmax(teacher(xr, _at(biggest, arch.resolution)), 1)
             kd = sum(soft_cross_entropy(o, soft) for o in outs)
-            loss = ce + kd_ratio * kd
+            total = ce + kd_ratio * kd
             stats["kd"] = kd.item()
-        _backward(loss)
-        stats |= {"loss": loss.item(), "ce": ce.item()}
+        stats |= {"loss": total.item(), "ce": ce.item()}
         for s, o in enumerate(outs):
             stats[f"train_top1_s{s + 1}"] = (o.argmax(1) == y).float().mean().item()
-        return stats
+        return total, stats
 
     def evaluate(pi: int) -> dict[str, float]:
         if not tracked:
             return {}
-        accs = np.mean([evaluate_multistage(msnet, a, val_split, calib()) for a in tracked], axis=0)
+        accs = np.mean(distributed.map_ranks(lambda a: evaluate_multistage(msnet, a, val_split, calib()), tracked),
+                       axis=0)
         return {f"val_top1_s{s + 1}": float(v) for s, v in enumerate(accs)}
 
     fingerprint = {"kind": "finetune", "seed": seed, "stages": stages, "epochs": epochs, "batch_size": batch_size,
                    "lr": lr, "momentum": momentum, "nesterov": nesterov, "weight_decay": weight_decay,
                    "kd_ratio": kd_ratio, "label_smoothing": label_smoothing, "augment": augment,
-                   "train_images": len(train_split), "space": _space_dict(space), "spec": _spec_dict(supernet.spec),
-                   "initial_weights": weights_digest(supernet)}
-    result = _run("finetune", supernet, [_Phase("finetune", epochs, kd_ratio > 0)], step, evaluate,
+                   "precision": precision, "train_images": len(train_split), "space": _space_dict(space),
+                   "spec": _spec_dict(supernet.spec), "initial_weights": weights_digest(supernet)}
+    result = _run("finetune", supernet, [_Phase("finetune", epochs, kd_ratio > 0)], _Task(sample, loss), evaluate,
                   lambda pi: None, train_split, batch_size=batch_size, seed=seed, augment=augment,
                   optim=dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay),
-                  ckpt_dir=ckpt_dir, fingerprint=fingerprint, stop_after=stop_after)
-    if result.complete:
+                  ckpt_dir=ckpt_dir, fingerprint=fingerprint, stop_after=stop_after, run=run)
+    if result.complete and distributed.context().main:
         save_supernet(out or Path(ckpt_dir) / "multistage.pt", supernet, result.history, space)
     return result
+
+
+# ---------------------------------------------------------------------------------------------- command line
+
+
+def run_stage(cfg: config.Config, stage: str, micro_batches: int = 1) -> TrainResult:
+    """Stage ``pretrain`` or ``finetune`` of the pipeline as its notebook runs it (same paths and arguments,
+    so a run finished here is picked up by ``dvc repro`` from its resume checkpoint)."""
+    from enas4d import pipeline  # pipeline imports this module
+
+    splits = pipeline.splits(cfg)
+    calib, val = pipeline.calib_split(cfg, splits["train"]), pipeline.val_split(cfg, splits["metric"])
+    if stage == "pretrain":
+        settings = config.to_dict(cfg.pretrain)
+        del settings["bn_calib_images"], settings["eval_subnets"]
+        return pretrain(pipeline.new_supernet(cfg), splits["train"], calib, val,
+                        ckpt_dir=pipeline.resume_dir("supernet"), seed=cfg.seed, out=pipeline.SUPERNET,
+                        micro_batches=micro_batches, **settings)
+    if stage == "finetune":
+        return finetune(pipeline.load_supernet(cfg), splits["train"], calib, val,
+                        ckpt_dir=pipeline.resume_dir("finetune"), seed=cfg.seed, out=pipeline.MULTISTAGE,
+                        micro_batches=micro_batches, **config.to_dict(cfg.finetune))
+    raise ValueError(f"unknown stage {stage!r}; stages are pretrain, finetune")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``[torchrun --nproc_per_node=N] python -m enas4d.train pretrain [finetune] --params params.yaml``."""
+    from enas4d import pipeline  # pipeline imports this module
+
+    parser = argparse.ArgumentParser(prog="python -m enas4d.train", description=main.__doc__)
+    parser.add_argument("stages", nargs="+", choices=("pretrain", "finetune"), help="stages to run, in order")
+    parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    parser.add_argument("--micro-batches", type=int, default=1,
+                        help="split each rank's batch into this many parts (less memory, same arithmetic as "
+                             "that many times more ranks)")
+    args = parser.parse_args(argv)
+    try:
+        cfg = config.load(args.params)
+        distributed.init(pipeline.device(cfg))
+        pipeline.set_threads(cfg)
+        for stage in args.stages:
+            run_stage(cfg, stage, args.micro_batches)
+            distributed.barrier()  # the next stage reads what rank 0 just wrote
+    except (ValueError, FloatingPointError) as err:  # ConfigError, DataError, CheckpointError are ValueErrors
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    finally:
+        distributed.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

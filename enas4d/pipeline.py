@@ -1,0 +1,258 @@
+"""Set-up shared by the pipeline notebooks, so each notebook shows its paper step and not its plumbing.
+
+Paths of the stage artefacts, the search space and splits a config implies, the fixed BN-calibration
+images, loading the fine-tuned multi-stage network, device and threads, wall-clock timing for the
+``seconds`` every stage reports (Table 2), and the database-style evaluation of one arch that the search
+stage uses to re-check its chosen archs on exactly the images and recipe the database was built with.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+from enas4d import config, cost, data, database, train
+from enas4d.evaluate import memory_format, recalibrate_bn, split_images
+from enas4d.multistage import MultiStageNet
+from enas4d.space import MultiStageArch, SearchSpace, SubnetArch
+from enas4d.supernet import PRESETS, OFAMobileNetV3, SupernetSpec, load_ofa_state_dict, resize
+
+CHECKPOINTS = Path("checkpoints")
+SUPERNET = CHECKPOINTS / "supernet.pt"
+MULTISTAGE = CHECKPOINTS / "multistage.pt"
+PREDICTORS = CHECKPOINTS / "predictors"  # one MLP per (kind, target), the paper's per-target predictors
+PREDICTOR_COND = CHECKPOINTS / "predictor_cond.pt"
+# train's per-epoch last.pt lives here, outside the stage outputs: DVC deletes outputs before it reruns a
+# stage, and a killed `dvc repro` must find the last finished epoch again.
+RESUME = CHECKPOINTS / ".resume"
+DATABASE = Path("databases/confidence")
+SEARCHED = Path("searched/archs.json")
+# Per-epoch validation curves use this many metric-set images: enough to see a trend, cheap every epoch.
+VAL_IMAGES = 2000
+TOP_K = 10  # predicted-best archs per target that the search re-evaluates for real
+# The conditional predictor learns R over omega x these factors (and the sweep and search targets), so
+# one model covers omegas near the configured one without retraining.
+COND_OMEGA_FACTORS = (0.5, 0.75, 1.0, 1.5, 2.0)
+
+
+# ---------------------------------------------------------------------------------------------- config
+
+
+def spec(cfg: config.Config) -> SupernetSpec:
+    """The layer sizes of ``supernet.preset``."""
+    return PRESETS[cfg.supernet.preset]
+
+
+def space(cfg: config.Config, stages: int | None = None) -> SearchSpace:
+    """The search space of ``cfg``: units of the preset, choices of ``supernet``, ``finetune.stages`` stages."""
+    s = cfg.supernet
+    return SearchSpace(units=len(spec(cfg).units), resolutions=s.resolutions, depths=s.depths, expands=s.expands,
+                       kernels=s.kernels, stages=cfg.finetune.stages if stages is None else stages)
+
+
+def device(cfg: config.Config) -> torch.device:
+    """``device`` of params.yaml: ``auto`` takes CUDA when there is one; ``cuda`` without one is an error."""
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("params.yaml: device: cuda, but torch sees no CUDA device (set device: auto or cpu)")
+    return torch.device("cuda" if cfg.device != "cpu" and torch.cuda.is_available() else "cpu")
+
+
+def set_threads(cfg: config.Config) -> None:
+    """torch intra-op threads = ``threads`` (the CPU budget of a stage)."""
+    torch.set_num_threads(cfg.threads)
+
+
+def ignored_dir(path: str | Path) -> Path:
+    """``path`` created with a ``.gitignore`` of ``*``: scratch state (resume files, partial shards) that git
+    must never pick up, whatever the checkout's top-level ignore rules say."""
+    d = Path(path)
+    d.mkdir(parents=True, exist_ok=True)
+    ignore = d / ".gitignore"
+    if not ignore.exists():
+        ignore.write_text("*\n")
+    return d
+
+
+def resume_dir(stage: str) -> Path:
+    """``checkpoints/.resume/<stage>``: where ``train`` keeps the last finished epoch of ``stage``."""
+    return ignored_dir(ignored_dir(RESUME) / stage)
+
+
+# ---------------------------------------------------------------------------------------------- data
+
+
+def splits(cfg: config.Config) -> dict[str, data.Split]:
+    """The ``train``, ``metric`` and ``test`` splits of ``data.out``, checked against the preset's sizes."""
+    out = {name: data.load_split(cfg.data.out, name) for name in data.SPLITS}
+    sp, first = spec(cfg), out["train"]
+    if (first.num_classes, first.in_channels) != (sp.num_classes, sp.in_channels):
+        raise ValueError(f"params.yaml: supernet.preset: {cfg.supernet.preset} has {sp.num_classes} classes and "
+                         f"{sp.in_channels} input channels, {cfg.data.out} has {first.num_classes} and "
+                         f"{first.in_channels}")
+    return out
+
+
+def calib_split(cfg: config.Config, train_split: data.Split) -> data.Split:
+    """The fixed ``pretrain.bn_calib_images`` training images every evaluation recalibrates BN on (OFA)."""
+    if train_split.name != "train":
+        raise ValueError(f"BN calibration images come from the train split, got split {train_split.name!r}")
+    return data.subset(train_split, cfg.pretrain.bn_calib_images, cfg.seed)
+
+
+def calib_images(cfg: config.Config, train_split: data.Split) -> torch.Tensor:
+    """``calib_split`` as one normalized image tensor."""
+    return split_images(calib_split(cfg, train_split))
+
+
+def val_split(cfg: config.Config, metric: data.Split) -> data.Split:
+    """A fixed subset of ``VAL_IMAGES`` metric-set images for per-epoch curves (the test set stays unseen)."""
+    return data.subset(metric, min(VAL_IMAGES, len(metric)), cfg.seed)
+
+
+def head(split: data.Split, n: int) -> data.Split:
+    """The first ``n`` images of ``split``."""
+    if not 0 < n <= len(split):
+        raise ValueError(f"the first {n} images requested from the {len(split)} of split {split.name!r}")
+    return dataclasses.replace(split, labels=split.labels[:n], indices=split.indices[:n],
+                               images=None if split.images is None else split.images[:n],
+                               files=None if split.files is None else split.files[:n])
+
+
+def database_images(cfg: config.Config, metric: data.Split) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images and labels the database is built on: the first ``database.images`` of the metric set."""
+    part = head(metric, cfg.database.images)
+    return split_images(part), part.labels
+
+
+# ---------------------------------------------------------------------------------------------- networks
+
+
+def new_supernet(cfg: config.Config) -> OFAMobileNetV3:
+    """A seeded fresh supernet, with OFA's pretrained weights when ``supernet.checkpoint`` names them.
+
+    Its space has one stage: pretraining samples static subnets; fine-tuning opens ``finetune.stages``.
+    """
+    train.seed_everything(cfg.seed)
+    net = OFAMobileNetV3(spec(cfg), space(cfg, stages=1))
+    if cfg.supernet.checkpoint is not None:
+        load_ofa_state_dict(net, cfg.supernet.checkpoint)
+    return net.to(device(cfg))
+
+
+def _check_fits(net: OFAMobileNetV3, cfg: config.Config, want: SearchSpace, path: Path, *, stages: bool) -> None:
+    """A checkpoint written under other ``supernet`` (or, with ``stages``, ``finetune.stages``) params is stale."""
+    if net.spec != spec(cfg):
+        raise ValueError(f"{path}: layer sizes differ from params.yaml's supernet.preset: "
+                         f"{cfg.supernet.preset}; rerun its stage")
+    got = net.space if stages else dataclasses.replace(net.space, stages=want.stages)
+    if got != want:
+        raise ValueError(f"{path}: search space {got} differs from params.yaml's {want}; rerun its stage")
+
+
+def load_supernet(cfg: config.Config, path: str | Path = SUPERNET) -> OFAMobileNetV3:
+    """The pretrained supernet, checked to fit ``cfg``'s preset and space."""
+    net = train.load_supernet(path, device(cfg))
+    _check_fits(net, cfg, space(cfg, stages=1), Path(path), stages=False)
+    return net
+
+
+def load_multistage(cfg: config.Config, path: str | Path = MULTISTAGE) -> MultiStageNet:
+    """The fine-tuned multi-stage network (eval mode), checked to fit ``cfg`` with ``finetune.stages`` stages."""
+    net = train.load_supernet(path, device(cfg))
+    _check_fits(net, cfg, space(cfg), Path(path), stages=True)
+    return MultiStageNet(net).eval()
+
+
+# ---------------------------------------------------------------------------------------------- search
+
+
+def check_cost(cfg: config.Config) -> None:
+    """The predictor and search stages price archs in MACs; latency targets belong to Table 4's notebook."""
+    if cfg.search.cost != "macs":
+        raise ValueError(f"params.yaml: search.cost: {cfg.search.cost}: the predictor and search stages use MACs "
+                         "(latency targets are searched by the Table 4 notebook with the op latency table); "
+                         "set search.cost: macs")
+
+
+def mmacs(macs: np.ndarray | list[int]) -> np.ndarray:
+    """MACs in millions, the unit of ``search.targets``."""
+    return np.asarray(macs, dtype=np.float64) / 1e6
+
+
+def predictor_path(kind: str, target: float) -> Path:
+    """File of the per-target predictor of ``kind`` (``multistage`` or the single-exit ``static`` baseline)."""
+    if kind not in ("multistage", "static"):
+        raise ValueError(f"predictor kind {kind!r}; allowed: multistage, static")
+    return PREDICTORS / f"{kind}-{target:g}.pt"
+
+
+def cond_objectives(cfg: config.Config) -> list[tuple[float, float]]:
+    """``(omega, target)`` pairs the conditional predictor is trained on: omegas around ``search.omega``,
+    targets of ``reports.sweep_targets`` and ``search.targets``."""
+    omegas = sorted({cfg.search.omega * f for f in COND_OMEGA_FACTORS})
+    targets = sorted(set(cfg.reports.sweep_targets) | set(cfg.search.targets))
+    return [(w, t) for w in omegas for t in targets]
+
+
+# ---------------------------------------------------------------------------------------------- timing
+
+
+class Timer:
+    """Wall seconds of named steps: ``with timer("build"): ...``, then ``timer.seconds["build"]``."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+
+    @property
+    def total(self) -> float:
+        return sum(self.seconds.values())
+
+
+# ---------------------------------------------------------------------------------------------- evaluation
+
+
+class ArchRows(NamedTuple):
+    """One arch as a database row: ``conf``/``correct`` [images, stages], cumulative ``macs`` [stages]."""
+
+    conf: np.ndarray
+    correct: np.ndarray
+    macs: np.ndarray
+
+
+def as_multistage(arch: SubnetArch | MultiStageArch) -> MultiStageArch:
+    """A static subnet as a one-stage multi-stage arch (its network is the static subnet's)."""
+    return arch if isinstance(arch, MultiStageArch) else MultiStageArch.from_stages([arch])
+
+
+def evaluate_like_database(msnet: MultiStageNet, arch: SubnetArch | MultiStageArch, images: torch.Tensor,
+                           labels: torch.Tensor, calib: torch.Tensor, batch_size: int) -> ArchRows:
+    """``arch`` evaluated exactly as ``database.build`` evaluates each of its archs.
+
+    Export, BN recalibration on ``calib`` at the arch's resolution, every stage on ``images`` without early
+    exit (same batches, float16 confidences), so thresholds searched on the result are those the database
+    would give. A static ``SubnetArch`` runs as a one-stage arch.
+    """
+    arch = as_multistage(arch)
+    dev = next(msnet.parameters()).device
+    fmt = memory_format(dev)
+    x = resize(images.to(dev), arch.resolution).contiguous(memory_format=fmt)
+    xc = resize(calib.to(dev), arch.resolution).contiguous(memory_format=fmt)
+    net = msnet.export(arch).to(memory_format=fmt)
+    recalibrate_bn(net, xc, batch_size, fmt=fmt)
+    conf, correct = database._stage_outputs(net, x, labels.to(dev), batch_size)
+    return ArchRows(conf, correct, np.asarray(cost.stage_macs(msnet.supernet.spec, arch), dtype=np.int64))

@@ -1,0 +1,462 @@
+"""Tables, figures and the results README shared by the report notebooks (06_table1 .. 11_figure6).
+
+The notebooks read the searched nets (`load_searched`), measure them by real early-exit inference on the
+test set (`measure_early_exit`, kept per image in one file for Tables 1 and 3 and Figure 6: `save_exits`),
+and write what they found with the writers below.
+
+Every table is written twice, as ``<stem>.md`` (title, table, a paragraph reading it, notes) and
+``<stem>.csv`` (the same numbers for ``dvc plots``/pandas); every figure as a PNG with a ``.md`` caption
+beside it. ``python -m enas4d.report readme OUT SECTION.md ...`` stitches those section files, in the order
+given, under a header naming the dataset, the params profile and the git commit, so the README is rebuilt
+by ``dvc repro`` whenever a table or figure changes and never states numbers of another run.
+
+The paper's numbers (ImageNet, Yuan et al.) are typed in here once, as reference values; every table and
+figure marks them as the paper's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import yaml
+
+from enas4d import config
+from enas4d.evaluate import memory_format, recalibrate_bn
+from enas4d.multistage import ExitResult, MultiStageNet
+from enas4d.space import MultiStageArch, SubnetArch
+from enas4d.supernet import resize
+
+EXITS = Path("evaluations/test_early_exit.npz")  # per-image early exits of the searched nets (Table 1's run)
+
+# ---------------------------------------------------------------------------------------------- paper values
+PAPER = "paper (ImageNet, reference)"
+
+# Table 1: network, COST_target (MMACs), top-1 (%), average MACs (M), cumulative MACs of stages 1..3 (M)
+PAPER_TABLE1: tuple[tuple[str, int, float, int, tuple[int, int, int]], ...] = (
+    ("A", 90, 70.5, 92, (75, 148, 240)),
+    ("B", 120, 70.8, 123, (90, 175, 218)),
+    ("C", 150, 72.1, 153, (103, 149, 237)),
+    ("D", 180, 74.4, 185, (141, 201, 359)),
+)
+
+# Table 2: step, reusable, cost. The last row is from the paper's text ("Grid search for threshold").
+PAPER_TABLE2: tuple[tuple[str, bool, str], ...] = (
+    ("Pre-train once-for-all network", True, "2000 GPU hours"),
+    ("Train for dynamic inference", True, "90 GPU hours"),
+    ("Build the confidence and correctness database", True, "100 GPU hours"),
+    ("Train metric predictor", False, "< 10 min"),
+    ("Evolutionary search", False, "< 3 min"),
+    ("Threshold grid search (per arch)", False, "about 200 ms (text)"),
+)
+
+# Table 3: per network, per stage (top-1 % of the samples exiting there, % of samples exiting there)
+PAPER_TABLE3: dict[str, tuple[tuple[float, float], ...]] = {
+    "A": ((79.4, 80.3), (37.1, 17.3), (15.6, 2.3)),
+    "B": ((85.7, 67.2), (49.3, 21.6), (23.1, 11.2)),
+    "C": ((94.6, 44.3), (70.5, 27.9), (38.2, 27.9)),
+    "D": ((89.5, 64.7), (57.1, 20.9), (31.8, 14.4)),
+}
+
+
+def paper_table1() -> pd.DataFrame:
+    """The paper's Table 1 as rows of the same columns our Table 1 uses."""
+    return pd.DataFrame([{"source": PAPER, "network": name, "target_mmacs": target, "top1_pct": top1,
+                          "avg_mmacs": avg, **{f"stage{s + 1}_mmacs": m for s, m in enumerate(cum)}}
+                         for name, target, top1, avg, cum in PAPER_TABLE1])
+
+
+def paper_table3() -> pd.DataFrame:
+    """The paper's Table 3, one row per (network, stage)."""
+    return pd.DataFrame([{"source": PAPER, "network": name, "stage": s + 1, "exit_fraction_pct": frac,
+                          "exit_top1_pct": top1}
+                         for name, stages in PAPER_TABLE3.items() for s, (top1, frac) in enumerate(stages)])
+
+
+def duration(seconds: float) -> str:
+    """A wall time the way Table 2 shows it: ms below a second, then s, min, h."""
+    if not (np.isfinite(seconds) and seconds >= 0):
+        raise ValueError(f"duration must be a finite number of seconds >= 0, got {seconds!r}")
+    if seconds < 1:
+        return f"{1000 * seconds:.3g} ms"
+    if seconds < 120:
+        return f"{seconds:.3g} s"
+    return f"{seconds / 60:.3g} min" if seconds < 7200 else f"{seconds / 3600:.3g} h"
+
+
+def span(values: Sequence[float] | np.ndarray, fmt: str = "{:.2f}") -> str:
+    """``lo–hi`` of ``values`` for a reading, or the one value when they are all equal."""
+    v = np.asarray(values, dtype=float)
+    v = v[np.isfinite(v)]
+    if not len(v):
+        raise ValueError("span of no finite values")
+    lo, hi = fmt.format(v.min()), fmt.format(v.max())
+    return lo if lo == hi else f"{lo}–{hi}"
+
+
+def network_names(n: int) -> list[str]:
+    """A, B, C, ... for the searched nets in target order, as the paper names ENAS4D-A..D."""
+    if not 0 < n <= 26:
+        raise ValueError(f"can name 1 to 26 searched nets, got {n}")
+    return [chr(ord("A") + i) for i in range(n)]
+
+
+# ---------------------------------------------------------------------------------------------- searched nets
+@dataclass(frozen=True)
+class Searched:
+    """One entry of ``searched/archs.json``: the net found for ``target`` and what the metric set said of it."""
+
+    target: float
+    arch: MultiStageArch | SubnetArch
+    thresholds: tuple[float, ...]  # empty for a static subnet
+    metric_set: dict  # r, acc, cost (MMACs) [, exit_fractions] on the metric set
+
+
+def load_searched(path: str | Path, cfg: config.Config) -> tuple[list[Searched], list[Searched]]:
+    """The multi-stage and static nets of the search stage's file, checked against params.yaml's ``search``."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: not found; run the search stage first (dvc repro search)")
+    try:
+        raw = json.loads(path.read_text())
+        for key, want in (("cost", cfg.search.cost), ("omega", cfg.search.omega), ("grid", cfg.search.grid),
+                          ("targets", list(cfg.search.targets))):
+            if raw[key] != want:
+                raise ValueError(f"{path}: {key} is {raw[key]!r} but params.yaml's search.{key} is {want!r}; "
+                                 "rerun the search stage (dvc repro)")
+        multi = [Searched(float(e["target"]), MultiStageArch.from_dict(e["arch"]),
+                          tuple(float(t) for t in e["thresholds"]), dict(e["metric_set"])) for e in raw["multistage"]]
+        static = [Searched(float(e["target"]), SubnetArch.from_dict(e["arch"]), (), dict(e["metric_set"]))
+                  for e in raw["static"]]
+    except (KeyError, TypeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path}: not a searched-archs file ({type(err).__name__}: {err})") from None
+    if [s.target for s in multi] != list(cfg.search.targets):
+        raise ValueError(f"{path}: multistage targets {[s.target for s in multi]} differ from search.targets")
+    return multi, static
+
+
+@torch.no_grad()
+def measure_early_exit(msnet: MultiStageNet, arch: MultiStageArch, thresholds: tuple[float, ...],
+                       images: torch.Tensor, calib: torch.Tensor, batch_size: int) -> ExitResult:
+    """Real early-exit inference of ``arch`` with ``thresholds`` on ``images`` (normalized, native size).
+
+    The evaluation recipe of the database and the search (export, BN recalibrated on ``calib`` at the arch's
+    resolution), then ``ExportedMultiStageNet.early_exit`` batch by batch: each batch runs stage by stage and
+    only the samples that did not exit go on. Returns per-image prediction, exit stage and MACs (on the CPU).
+    """
+    dev = next(msnet.parameters()).device
+    fmt = memory_format(dev)
+    net = msnet.export(arch).to(memory_format=fmt)
+    recalibrate_bn(net, resize(calib.to(dev), arch.resolution).contiguous(memory_format=fmt), batch_size, fmt=fmt)
+    parts = []
+    for i in range(0, len(images), batch_size):
+        x = resize(images[i:i + batch_size].to(dev), arch.resolution).contiguous(memory_format=fmt)
+        parts.append(net.early_exit(x, thresholds))
+    return ExitResult(*(torch.cat([getattr(p, f) for p in parts]).cpu() for f in ("pred", "exit_stage", "macs")))
+
+
+def save_exits(path: str | Path, labels: np.ndarray, runs: dict[str, ExitResult]) -> Path:
+    """Per-image early-exit results of each named net (Table 3 and Figure 6 read them), written atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arrays = {"names": np.array(list(runs)), "labels": np.asarray(labels, dtype=np.int64),
+              **{f: np.stack([getattr(r, f).numpy() for r in runs.values()]) for f in ("pred", "exit_stage", "macs")}}
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npz")
+    np.savez(tmp, **arrays)
+    os.replace(tmp, path)
+    return path
+
+
+def load_exits(path: str | Path) -> tuple[np.ndarray, dict[str, ExitResult]]:
+    """``(labels, {name: ExitResult})`` from a `save_exits` file; a bad file raises an error naming it."""
+    path = Path(path)
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            a = {k: z[k] for k in ("names", "labels", "pred", "exit_stage", "macs")}
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: not found; run the table1 stage first (dvc repro table1)") from None
+    except (OSError, ValueError, KeyError) as err:
+        raise ValueError(f"{path}: not an early-exit results file ({err})") from None
+    shape = (len(a["names"]), len(a["labels"]))
+    if any(a[f].shape != shape for f in ("pred", "exit_stage", "macs")):
+        raise ValueError(f"{path}: per-image arrays are not [{shape[0]} nets, {shape[1]} images]")
+    return a["labels"], {str(n): ExitResult(*(torch.from_numpy(a[f][i]) for f in ("pred", "exit_stage", "macs")))
+                         for i, n in enumerate(a["names"])}
+
+
+# ---------------------------------------------------------------------------------------------- writers
+def _atomic_text(path: Path, text: str) -> Path:
+    """Write ``text`` to a temp file beside ``path``, then rename (a killed run never leaves half a file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+    return path
+
+
+def _section(title: str, body: str, reading: str, notes: Sequence[str]) -> str:
+    parts = [f"### {title}", body.strip(), reading.strip(), *(f"*{n.strip()}*" for n in notes)]
+    return "\n\n".join(p for p in parts if p) + "\n"
+
+
+def markdown_table(df: pd.DataFrame) -> str:
+    """``df`` as a GitHub markdown table; NaN shows as an empty cell (e.g. a stage nobody exits at)."""
+    if df.empty:
+        raise ValueError("refusing to write an empty table")
+    # pandas renders through tabulate (installed with dvc)
+    return df.astype(object).where(df.notna(), None).to_markdown(index=False, floatfmt="g", missingval="")
+
+
+def write_table(df: pd.DataFrame, stem: str | Path, *, title: str, reading: str,
+                notes: Sequence[str] = ()) -> tuple[Path, Path]:
+    """Write ``<stem>.md`` (title, table, reading, notes) and ``<stem>.csv``; return both paths.
+
+    Round the numbers in ``df`` first: both files show them as given, so the markdown and the CSV agree.
+    """
+    stem = Path(stem)
+    md = _atomic_text(stem.with_suffix(".md"), _section(title, markdown_table(df), reading, notes))
+    return md, write_csv(df, stem.with_suffix(".csv"))
+
+
+def write_csv(df: pd.DataFrame, path: str | Path) -> Path:
+    """``df`` as CSV (no index), written atomically: the numbers behind a table or figure."""
+    return _atomic_text(Path(path), df.to_csv(index=False))
+
+
+def write_figure(fig, png: str | Path, *, title: str, reading: str, notes: Sequence[str] = (),
+                 dpi: int = 120) -> tuple[Path, Path]:
+    """Save ``fig`` as ``png`` and its caption (title, inline image, reading, notes) as the ``.md`` beside it."""
+    png = Path(png)
+    if png.suffix != ".png":
+        raise ValueError(f"{png}: figures are written as .png")
+    png.parent.mkdir(parents=True, exist_ok=True)
+    tmp = png.with_name(f".{png.stem}.{os.getpid()}.tmp.png")
+    fig.savefig(tmp, dpi=dpi, bbox_inches="tight")
+    os.replace(tmp, png)
+    md = _atomic_text(png.with_suffix(".md"), _section(title, f"![{title}]({png.name})", reading, notes))
+    return png, md
+
+
+# ---------------------------------------------------------------------------------------------- figures
+SOURCE_COLUMNS = ("method", "setting", "avg_mmacs", "top1", "source")
+
+
+def load_imagenet_sources(path: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Figure 5's sourced ImageNet points of other methods: ``(plottable rows, rows without average MACs)``.
+
+    Each row cites where its numbers come from (``source``); a row without ``avg_mmacs`` (e.g. a method that
+    reports only a relative computation percentage) cannot be placed on a MACs axis.
+    """
+    path = Path(path)
+    try:
+        df = pd.read_csv(path)
+    except (OSError, pd.errors.ParserError) as err:
+        raise ValueError(f"{path}: cannot read the sourced ImageNet points ({err})") from None
+    missing = [c for c in SOURCE_COLUMNS if c not in df.columns]
+    if missing:
+        raise ValueError(f"{path}: missing columns {missing}; need {list(SOURCE_COLUMNS)}")
+    if df.top1.isna().any() or df.source.isna().any():
+        raise ValueError(f"{path}: every row needs top1 and source")
+    has = df.avg_mmacs.notna()
+    return df[has].reset_index(drop=True), df[~has].reset_index(drop=True)
+
+
+# One style per series name, so the same series looks the same in every figure.
+_STYLES: dict[str, dict] = {
+    "ENAS4D (sweep)": dict(color="tab:red", marker="o", ls="-", lw=1.2, zorder=5),
+    "ENAS4D (Table 1)": dict(color="tab:red", marker="*", ls="", ms=14, mec="black", zorder=6),
+    "best static subnet": dict(color="tab:blue", marker="s", ls="-", lw=1.2, zorder=4),
+    "cascade without reuse": dict(color="tab:green", marker="^", ls="-", lw=1.2, zorder=3),
+    "random multi-stage": dict(color="0.55", marker=".", ls="", ms=7, alpha=0.6, zorder=1),
+    "ENAS4D (paper)": dict(color="tab:red", marker="*", ls="-", ms=12, zorder=5),
+}
+_CYCLE = ("tab:purple", "tab:orange", "tab:brown", "tab:pink", "tab:olive", "tab:cyan", "tab:blue")
+
+
+def plot_accuracy_vs_macs(points: pd.DataFrame, *, left_title: str, right_title: str):
+    """Figure 5: top-1 (%) against average MACs (M), one panel per ``points.panel`` value (0 ours, 1 ImageNet).
+
+    ``points`` has columns panel, series, avg_mmacs, top1_pct. Series in ``_STYLES`` keep their style
+    (lines join a series' points in MACs order); any other series (methods of other papers) gets a marker
+    of its own. A panel whose MACs span more than 10x uses a log axis.
+    """
+    import matplotlib.pyplot as plt
+
+    missing = {"panel", "series", "avg_mmacs", "top1_pct"} - set(points.columns)
+    if missing:
+        raise ValueError(f"figure 5 points lack columns {sorted(missing)}")
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
+    for panel, (ax, title) in enumerate(zip(axes, (left_title, right_title))):
+        part = points[points.panel == panel]
+        others = 0
+        for series, rows in part.groupby("series", sort=False):
+            rows = rows.sort_values("avg_mmacs")
+            style = _STYLES.get(series)
+            if style is None:
+                style = dict(color=_CYCLE[others % len(_CYCLE)], marker="DPXhv<>"[others % 7], ls="", ms=9)
+                others += 1
+            ax.plot(rows.avg_mmacs, rows.top1_pct, label=series, **style)
+        if len(part) and part.avg_mmacs.max() > 10 * part.avg_mmacs.min():
+            ax.set_xscale("log")
+        ax.set_xlabel("average MACs (M)")
+        ax.set_ylabel("top-1 (%)")
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    return fig
+
+
+def plot_exit_examples(image: Callable[[int], np.ndarray], true: np.ndarray, pred: np.ndarray,
+                       exit_stage: np.ndarray, stages: int, classes: Sequence[str], per_stage: int, seed: int,
+                       title: str):
+    """Figure 6: one row per stage of ``per_stage`` random test images that exit there, titled true → predicted.
+
+    ``image(i)`` returns test image ``i`` as H x W (gray) or H x W x 3 uint8 (only the shown ones are loaded:
+    an ImageNet test set does not fit in memory); ``exit_stage`` is 0-based, of ``stages`` stages. Wrong
+    predictions are titled in red. A stage that fewer images exit at shows what it has.
+    """
+    import matplotlib.pyplot as plt
+
+    n = len(true)
+    if not (len(pred) == len(exit_stage) == n > 0) or per_stage < 1:
+        raise ValueError(f"figure 6 needs one prediction and exit stage per label ({n} labels) and per_stage >= 1")
+    if not 0 <= exit_stage.min() <= exit_stage.max() < stages:
+        raise ValueError(f"exit stages must lie in [0, {stages}), got {exit_stage.min()}..{exit_stage.max()}")
+    rng = np.random.default_rng(seed)
+    fig, axes = plt.subplots(stages, per_stage, figsize=(per_stage * 1.35, stages * 1.75), squeeze=False)
+    for s in range(stages):
+        pool = np.flatnonzero(exit_stage == s)
+        chosen = np.sort(rng.choice(pool, size=min(per_stage, len(pool)), replace=False))
+        for j, ax in enumerate(axes[s]):
+            ax.set_xticks([])
+            ax.set_yticks([])
+            for spine in ax.spines.values():
+                spine.set_visible(False)
+            if j < len(chosen):
+                i = int(chosen[j])
+                img = image(i)
+                ax.imshow(img, cmap="gray" if img.ndim == 2 else None, vmin=0, vmax=255)
+                ax.set_title(f"{classes[true[i]]}\n→ {classes[pred[i]]}", fontsize=7,
+                             color="black" if true[i] == pred[i] else "tab:red")
+        axes[s, 0].set_ylabel(f"stage {s + 1}\n{len(pool) / n:.1%} exit", rotation=0, ha="right", va="center",
+                              fontsize=9)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+# ---------------------------------------------------------------------------------------------- README
+def commit(root: str | Path = ".") -> str:
+    """``git rev-parse --short HEAD`` of ``root`` (the code the results came from), or 'unknown' without git."""
+    try:
+        done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                              timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    return done.stdout.strip() if done.returncode == 0 and done.stdout.strip() else "unknown"
+
+
+def _flat(d: dict, prefix: str = "") -> dict[str, object]:
+    out: dict[str, object] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        out.update(_flat(v, key + ".") if isinstance(v, dict) else {key: v})
+    return out
+
+
+def describe_profile(root: str | Path = ".") -> str:
+    """Which params these results used: a profile in ``profiles/`` that params.yaml equals, else the
+    default profile, with the keys that differ from the committed params.yaml (when git knows it)."""
+    root = Path(root)
+    params = config.read_yaml(root / "params.yaml")
+    for p in sorted((root / "profiles").glob("*.yaml")):
+        if config.read_yaml(p) == params:
+            return f"`{p.stem}` (profiles/{p.name})"
+    try:
+        done = subprocess.run(["git", "show", "HEAD:params.yaml"], cwd=root, capture_output=True, text=True,
+                              timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        done = None
+    if done is None or done.returncode != 0:
+        return "`default` (params.yaml; no committed params.yaml to compare with)"
+    committed, now = _flat(yaml.safe_load(done.stdout) or {}), _flat(params)
+    changed = [f"{k}: {committed.get(k)!r} → {now.get(k)!r}" for k in sorted(set(committed) | set(now))
+               if committed.get(k) != now.get(k)]
+    return "`default` (params.yaml)" + (f", changed from the committed file: {'; '.join(changed)}" if changed else "")
+
+
+_IMAGE = re.compile(r"(!\[[^\]]*\]\()([^)\s]+)(\))")
+
+
+def _rebase_images(text: str, section_dir: Path, readme_dir: Path) -> str:
+    """Make the section's relative image links relative to the README's folder."""
+    def fix(m: re.Match) -> str:
+        link = m.group(2)
+        if re.match(r"^[a-z]+://", link) or link.startswith("/"):
+            return m.group(0)
+        return m.group(1) + os.path.relpath(section_dir / link, readme_dir) + m.group(3)
+
+    return _IMAGE.sub(fix, text)
+
+
+def readme(out: str | Path, sections: Sequence[str | Path], root: str | Path = ".") -> Path:
+    """Write the results README ``out``: a header (dataset, profile, commit), then each section file in order.
+
+    Relative paths are taken from ``root`` (the project root, where params.yaml is).
+    """
+    root = Path(root)
+    out = root / out
+    cfg = config.load(root / "params.yaml")
+    sizes_path = root / "reports/metrics/data.json"
+    sizes = json.loads(sizes_path.read_text()) if sizes_path.is_file() else {}
+    split = ", ".join(f"{sizes[k]} {k}" for k in ("train", "metric", "test") if k in sizes)
+    unit = "MMACs" if cfg.search.cost == "macs" else "ms"
+    facts = [
+        f"- **Dataset**: {cfg.data.name}" + (f" ({split} images)" if split else ""),
+        f"- **Profile**: {describe_profile(root)}",
+        f"- **Search**: cost = {cfg.search.cost}, ω = {cfg.search.omega:g}, targets = "
+        f"{', '.join(f'{t:g}' for t in cfg.search.targets)} {unit}",
+        f"- **Code commit**: `{commit(root)}`",
+        "- **Executed notebooks**: `reports/notebooks/` (every number below is computed there)",
+    ]
+    parts = ["# Results",
+             "Regenerated by `dvc repro`: `python -m enas4d.report readme` writes this file from the table and "
+             "figure files below, so do not edit it. The paper's ImageNet numbers are typed in from the paper as "
+             "reference values and marked as such; every other number comes from this run's files.",
+             "\n".join(facts)]
+    for s in sections:
+        path = root / s
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: section file missing (run its pipeline stage first)")
+        parts.append(_rebase_images(path.read_text().strip(), path.parent, out.parent))
+    return _atomic_text(out, "\n\n".join(parts) + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m enas4d.report readme OUT SECTION.md ...``: write the results README."""
+    p = argparse.ArgumentParser(prog="python -m enas4d.report")
+    p.add_argument("command", choices=["readme"])
+    p.add_argument("out")
+    p.add_argument("sections", nargs="+")
+    args = p.parse_args(argv)
+    try:
+        print(readme(args.out, args.sections))
+    except (config.ConfigError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
