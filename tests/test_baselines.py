@@ -2,34 +2,21 @@
 
 from __future__ import annotations
 
-import functools
-
 import numpy as np
 import pytest
 import torch
 
 from enas4d import baselines, cost, pipeline
 from enas4d.encoding import encode_many
-from enas4d.multistage import MultiStageNet
 from enas4d.predictor import MetricPredictor, predict
-from enas4d.space import MultiStageArch, SearchSpace, SubnetArch
-from enas4d.supernet import PRESETS, OFAMobileNetV3
+from enas4d.space import MultiStageArch, SubnetArch
+from tiny_net import SPEC, tiny_multistage
 
 torch.set_num_threads(1)
-SPEC = PRESETS["fmnist_small"]
-
-
-@functools.cache
-def setup() -> tuple[MultiStageNet, SearchSpace, torch.Tensor, torch.Tensor, torch.Tensor]:
-    torch.manual_seed(0)
-    space = SearchSpace(units=len(SPEC.units), resolutions=(16, 20), stages=3)
-    g = torch.Generator().manual_seed(1)
-    images, labels = torch.randn(24, 1, 28, 28, generator=g), torch.randint(0, 10, (24,), generator=g)
-    return MultiStageNet(OFAMobileNetV3(SPEC, space)).eval(), space, images, labels, torch.randn(16, 1, 28, 28)
 
 
 def test_cascade_runs_separate_static_subnets_and_pays_for_every_stage_run():
-    msnet, space, images, labels, calib = setup()
+    msnet, space, images, labels, calib = tiny_multistage()
     arch = space.sample(np.random.default_rng(4))
     static = [pipeline.evaluate_like_database(msnet, arch.stage(s), images, labels, calib, 8) for s in range(3)]
     rows = baselines.cascade_rows(static)
@@ -49,7 +36,7 @@ def test_cascade_runs_separate_static_subnets_and_pays_for_every_stage_run():
 
 
 def test_static_search_returns_single_exit_subnets_fittest_first():
-    _, space, *_ = setup()
+    _, space, *_ = tiny_multistage()
 
     def fitness(archs):  # prefer cheap subnets: a fitness with a known direction
         assert all(a.num_stages == 1 for a in archs)
@@ -66,7 +53,7 @@ def test_static_search_returns_single_exit_subnets_fittest_first():
 
 
 def test_static_fitness_moves_a_per_target_predictor_to_any_target():
-    _, space, *_ = setup()
+    _, space, *_ = tiny_multistage()
     torch.manual_seed(0)
     one = space.restrict(stages=1)
     model = MetricPredictor(one.encoding_size, [8])
@@ -93,7 +80,7 @@ def test_random_rows_are_distinct_seeded_database_rows():
 
 
 def test_replayed_thresholds_are_real_early_exit():
-    msnet, space, images, labels, calib = setup()
+    msnet, space, images, labels, calib = tiny_multistage()
     arch = space.sample(np.random.default_rng(7))
     rows = pipeline.evaluate_like_database(msnet, arch, images, labels, calib, 8)
     point = baselines.operating_point(rows, rows, target=float(rows.macs[1]) / 1e6, omega=0.5, grid=0.05)

@@ -2,36 +2,20 @@
 
 from __future__ import annotations
 
-import functools
-
 import numpy as np
 import pytest
 import torch
 
 from enas4d import cost, database
 from enas4d.evaluate import recalibrate_bn
-from enas4d.multistage import MultiStageNet
-from enas4d.space import SearchSpace
-from enas4d.supernet import PRESETS, OFAMobileNetV3, resize
+from enas4d.supernet import resize
+from tiny_net import SPEC, tiny_multistage
 
 torch.set_num_threads(1)
-SPEC = PRESETS["fmnist_small"]
-
-
-@functools.cache
-def setup() -> tuple[MultiStageNet, SearchSpace, torch.Tensor, torch.Tensor, torch.Tensor]:
-    torch.manual_seed(0)
-    space = SearchSpace(units=len(SPEC.units), resolutions=(16, 20), stages=3)
-    msnet = MultiStageNet(OFAMobileNetV3(SPEC, space)).eval()
-    g = torch.Generator().manual_seed(1)
-    images = torch.randn(24, 1, 28, 28, generator=g)
-    labels = torch.randint(0, 10, (24,), generator=g)
-    calib = torch.randn(16, 1, 28, 28, generator=g)
-    return msnet, space, images, labels, calib
 
 
 def build(out, **kw):
-    msnet, space, images, labels, calib = setup()
+    msnet, space, images, labels, calib = tiny_multistage()
     args = dict(archs=5, shard_size=2, batch_size=8, seed=3, out=out, weights_id="w0")
     args.update(kw)
     return database.build(msnet, space, SPEC, images, labels, calib, **args)
@@ -40,7 +24,7 @@ def build(out, **kw):
 def test_database_holds_every_stage_of_every_arch(tmp_path):
     out = build(tmp_path / "db")
     db = database.load(out)
-    msnet, space, images, labels, calib = setup()
+    msnet, space, images, labels, calib = tiny_multistage()
     assert db.conf.shape == db.correct.shape == (5, 24, 3) and db.conf.dtype == np.float16
     assert db.archs == database.sample_archs(space, 5, seed=3)
     a = db.archs[3]
