@@ -103,8 +103,8 @@ def sample_archs(space: SearchSpace, n: int, seed: int) -> list[MultiStageArch]:
 
 
 def _fingerprint(manifest: dict) -> str:
-    """What makes two builds the same build (shard contents depend on nothing else but the weights)."""
-    keys = ("seed", "stages", "images", "archs", "shard_size", "weights")
+    """What makes two builds the same build: a resumed build reuses only shards made under all of these."""
+    keys = ("seed", "stages", "images", "archs", "shard_size", "weights", "calib_images", "batch_size")
     return hashlib.sha256(json.dumps({k: manifest[k] for k in keys}, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -144,12 +144,14 @@ class BuildPlan:
 
 
 def plan(space: SearchSpace, *, archs: int, shard_size: int, seed: int, images: int, weights_id: str,
-         out: str | Path) -> BuildPlan:
-    """The build of ``archs`` archs sampled with ``seed``, on ``images`` metric-set images, of weights ``weights_id``."""
+         calib_images: int, batch_size: int, out: str | Path) -> BuildPlan:
+    """The build of ``archs`` archs sampled with ``seed``, on ``images`` metric-set images, of weights
+    ``weights_id``, BN-recalibrated on ``calib_images`` images in batches of ``batch_size`` (both change the
+    statistics, so both name the build)."""
     arch_list = sample_archs(space, archs, seed)
     n_shards = (archs + shard_size - 1) // shard_size
     manifest = {"seed": seed, "stages": space.stages, "images": int(images), "shard_size": shard_size,
-                "weights": weights_id, "archs": [a.to_dict() for a in arch_list],
+                "weights": weights_id, "calib_images": int(calib_images), "batch_size": int(batch_size), "archs": [a.to_dict() for a in arch_list],
                 "shards": [f"shard-{i:05d}.npz" for i in range(n_shards)]}
     out = Path(out)
     return BuildPlan(out.with_name(out.name + ".partial") / _fingerprint(manifest), manifest, arch_list)
@@ -171,7 +173,7 @@ def build(msnet, space: SearchSpace, spec, images: torch.Tensor, labels: torch.T
     fmt = memory_format(device)
     images, labels, calib = images.to(device), labels.to(device), calib.to(device)
     bp = plan(space, archs=archs, shard_size=shard_size, seed=seed, images=len(images), weights_id=weights_id,
-              out=out)
+              calib_images=len(calib), batch_size=batch_size, out=out)
     bp.work.mkdir(parents=True, exist_ok=True)
     _write_json(bp.work / "manifest.json", bp.manifest)
     todo = bp.shards_of(worker, workers)
@@ -291,7 +293,8 @@ def pipeline_plan(cfg: config.Config) -> BuildPlan:
     d = cfg.database
     weights = train.weights_digest(train.load_supernet(pipeline.MULTISTAGE))
     return plan(pipeline.space(cfg), archs=d.archs, shard_size=d.shard_size, seed=cfg.seed, images=d.images,
-                weights_id=weights, out=pipeline.DATABASE)
+                weights_id=weights, calib_images=cfg.pretrain.bn_calib_images, batch_size=d.batch_size,
+                out=pipeline.DATABASE)
 
 
 def run_worker(cfg: config.Config, worker: int, workers: int) -> Path:

@@ -6,12 +6,12 @@ the fittest is the parent; the child is ``mutate(parent)`` or, with probability 
 *oldest* member dies (not the worst: that is the regularization).
 
 Batching: the fitness (the metric predictor) is far cheaper per arch on a batch, so ``batch_size``
-children (default: the population size) are bred from the population as it stands, evaluated in one call,
-then appended in order while as many of the oldest die — like Real et al.'s parallel workers, whose
-children are bred before the others' are evaluated. ``batch_size=1`` is the sequential algorithm exactly.
-A **generation** is ``population`` cycles, so a run evaluates ``population * (generations + 1)`` archs
-(the initial population included). With the default batch, each generation replaces the whole
-population by its children and every member lives exactly one generation.
+children (default: a tenth of the population) are bred from the population as it stands, evaluated in one
+call, then appended in order while as many of the oldest die — like Real et al.'s parallel workers, whose
+children are bred before the others' are evaluated. ``batch_size=1`` is the sequential algorithm exactly;
+a batch as large as the population would turn it into generational replacement (every member lives one
+generation, ageing does nothing), so the default keeps batches small. A **generation** is ``population``
+cycles, so a run evaluates ``population * (generations + 1)`` archs (the initial population included).
 
 Archs are valid by construction: ``space.sample``, ``space.mutate`` and ``space.crossover`` never produce an
 invalid arch, so there is no rejection loop. All randomness comes from ``numpy.random.default_rng(seed)``,
@@ -67,11 +67,16 @@ def _check_params(population: int, generations: int, sample_size: int, mutation_
         raise ValueError(f"batch_size must divide population={population}, got {batch_size}")
 
 
+def _default_batch(population: int) -> int:
+    """The largest divisor of ``population`` not above a tenth of it: small enough to keep the ageing."""
+    return max(d for d in range(1, max(1, population // 10) + 1) if population % d == 0)
+
+
 def evolve(space: SearchSpace, fitness: Fitness, *, population: int, generations: int, sample_size: int,
            mutation_prob: float, crossover_prob: float, seed: int, top_k: int = 10,
            batch_size: int | None = None) -> EvolutionResult:
     """Maximise ``fitness`` over ``space`` by regularized evolution (see the module docstring)."""
-    batch = population if batch_size is None else batch_size
+    batch = _default_batch(population) if batch_size is None else batch_size
     _check_params(population, generations, sample_size, mutation_prob, crossover_prob, batch, top_k)
     rng = np.random.default_rng(seed)
     members = [space.sample(rng) for _ in range(population)]  # oldest first
