@@ -12,7 +12,7 @@ import pytest
 import torch
 from conftest import ROOT
 
-from enas4d import config, cost, data, database, pipeline, train
+from enas4d import config, cost, database, pipeline, train
 from enas4d.evaluate import split_images
 from enas4d.space import MultiStageArch, SearchSpace
 from enas4d.supernet import to_ofa_state_dict
