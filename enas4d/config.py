@@ -70,6 +70,7 @@ class PretrainConfig:
     weight_decay: float = _rule(ge=0)
     label_smoothing: float = _rule(ge=0, lt=1)
     kd_ratio: float = _rule(ge=0)
+    augment: bool = _rule()
     epochs_full: int = _rule(ge=0)
     epochs_kernel: int = _rule(ge=0)
     epochs_depth: int = _rule(ge=0)
@@ -92,6 +93,7 @@ class FinetuneConfig:
     nesterov: bool = _rule()
     weight_decay: float = _rule(ge=0)
     kd_ratio: float = _rule(ge=0)
+    augment: bool = _rule()
     precision: str = _rule(choices=("fp32", "bf16", "fp16"))
     eval_archs: int = _rule(**POSITIVE)
 

@@ -434,14 +434,14 @@ def plot_samples(split: Split, per_class: int = 8, seed: int = 0, max_classes: i
             for spine in ax.spines.values():
                 spine.set_visible(False)
             if j < len(chosen):
-                ax.imshow(_display_image(split, int(chosen[j])), cmap="gray", vmin=0, vmax=255)
+                ax.imshow(display_image(split, int(chosen[j])), cmap="gray", vmin=0, vmax=255)
         axes[c, 0].set_ylabel(split.classes[c], rotation=0, ha="right", va="center", fontsize=9)
     fig.suptitle(f"{split.name} split: {len(split)} images, {split.num_classes} classes", fontsize=10)
     fig.tight_layout()
     return fig
 
 
-def _display_image(split: Split, i: int) -> np.ndarray:
+def display_image(split: Split, i: int) -> np.ndarray:
     """H×W (gray) or H×W×3 uint8 image ``i`` of a split, as shown to the network at evaluation."""
     if split.images is not None:
         img = split.images[i]

@@ -122,6 +122,22 @@ def _stage_outputs(net: torch.nn.Module, images: torch.Tensor, labels: torch.Ten
     return torch.cat(confs).numpy(), torch.cat(rights).numpy()
 
 
+def at_resolution(images: torch.Tensor, resolution: int) -> torch.Tensor:
+    """``images`` resized to ``resolution`` in the memory format evaluation runs in on their device."""
+    return resize(images, resolution).contiguous(memory_format=memory_format(images.device))
+
+
+def evaluate_arch(msnet, arch: MultiStageArch, images: torch.Tensor, labels: torch.Tensor, calib: torch.Tensor,
+                  batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """One database row's ``conf`` and ``correct`` [images, stages]: ``arch`` exported, its BN recalibrated
+    on ``calib``, every stage run on ``images`` without early exit. ``images`` and ``calib`` are already
+    ``at_resolution(..., arch.resolution)`` on the net's device (the build resizes once per resolution)."""
+    fmt = memory_format(images.device)
+    net = msnet.export(arch).to(memory_format=fmt)
+    recalibrate_bn(net, calib, batch_size, fmt=fmt)
+    return _stage_outputs(net, images, labels, batch_size)
+
+
 @dataclass(frozen=True)
 class BuildPlan:
     """Where a build's shards go and what they hold: a function of its settings alone, so every worker
@@ -170,7 +186,6 @@ def build(msnet, space: SearchSpace, spec, images: torch.Tensor, labels: torch.T
     """
     out = Path(out)
     device = next(msnet.parameters()).device
-    fmt = memory_format(device)
     images, labels, calib = images.to(device), labels.to(device), calib.to(device)
     bp = plan(space, archs=archs, shard_size=shard_size, seed=seed, images=len(images), weights_id=weights_id,
               calib_images=len(calib), batch_size=batch_size, out=out)
@@ -189,12 +204,9 @@ def build(msnet, space: SearchSpace, spec, images: torch.Tensor, labels: torch.T
                 a = bp.archs[j]
                 if cached is None or cached[0] != a.resolution:
                     cached = None  # free the previous resolution first
-                    cached = (a.resolution, resize(images, a.resolution).contiguous(memory_format=fmt),
-                              resize(calib, a.resolution).contiguous(memory_format=fmt))
+                    cached = (a.resolution, at_resolution(images, a.resolution), at_resolution(calib, a.resolution))
                 _, x, xc = cached
-                net = msnet.export(a).to(memory_format=fmt)
-                recalibrate_bn(net, xc, batch_size, fmt=fmt)
-                rows[j] = (*_stage_outputs(net, x, labels, batch_size), cost.stage_macs(spec, a))
+                rows[j] = (*evaluate_arch(msnet, a, x, labels, xc, batch_size), cost.stage_macs(spec, a))
                 done_archs += 1
                 progress.update(1)
                 progress.set_postfix(archs_per_s=f"{done_archs / (time.perf_counter() - t0):.2f}")

@@ -19,10 +19,10 @@ import numpy as np
 import torch
 
 from enas4d import config, cost, data, database, train
-from enas4d.evaluate import memory_format, recalibrate_bn, split_images
+from enas4d.evaluate import split_images
 from enas4d.multistage import MultiStageNet
 from enas4d.space import MultiStageArch, SearchSpace, SubnetArch
-from enas4d.supernet import PRESETS, OFAMobileNetV3, SupernetSpec, load_ofa_state_dict, resize
+from enas4d.supernet import PRESETS, OFAMobileNetV3, SupernetSpec, load_ofa_state_dict
 
 CHECKPOINTS = Path("checkpoints")
 SUPERNET = CHECKPOINTS / "supernet.pt"
@@ -116,18 +116,10 @@ def val_split(cfg: config.Config, metric: data.Split) -> data.Split:
     return data.subset(metric, min(VAL_IMAGES, len(metric)), cfg.seed)
 
 
-def head(split: data.Split, n: int) -> data.Split:
-    """The first ``n`` images of ``split``."""
-    if not 0 < n <= len(split):
-        raise ValueError(f"the first {n} images requested from the {len(split)} of split {split.name!r}")
-    return dataclasses.replace(split, labels=split.labels[:n], indices=split.indices[:n],
-                               images=None if split.images is None else split.images[:n],
-                               files=None if split.files is None else split.files[:n])
-
-
 def database_images(cfg: config.Config, metric: data.Split) -> tuple[torch.Tensor, torch.Tensor]:
-    """Images and labels the database is built on: the first ``database.images`` of the metric set."""
-    part = head(metric, cfg.database.images)
+    """Images and labels the database is built on: a fixed seeded subset of ``database.images`` metric-set
+    images (seeded, not the first N: a folder dataset lists its files class by class)."""
+    part = data.subset(metric, cfg.database.images, cfg.seed)
     return split_images(part), part.labels
 
 
@@ -249,10 +241,6 @@ def evaluate_like_database(msnet: MultiStageNet, arch: SubnetArch | MultiStageAr
     """
     arch = as_multistage(arch)
     dev = next(msnet.parameters()).device
-    fmt = memory_format(dev)
-    x = resize(images.to(dev), arch.resolution).contiguous(memory_format=fmt)
-    xc = resize(calib.to(dev), arch.resolution).contiguous(memory_format=fmt)
-    net = msnet.export(arch).to(memory_format=fmt)
-    recalibrate_bn(net, xc, batch_size, fmt=fmt)
-    conf, correct = database._stage_outputs(net, x, labels.to(dev), batch_size)
+    x, xc = (database.at_resolution(t.to(dev), arch.resolution) for t in (images, calib))
+    conf, correct = database.evaluate_arch(msnet, arch, x, labels.to(dev), xc, batch_size)
     return ArchRows(conf, correct, np.asarray(cost.stage_macs(msnet.supernet.spec, arch), dtype=np.int64))

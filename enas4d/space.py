@@ -10,6 +10,9 @@ Multi-stage archs follow the paper: stage ``s`` runs the first ``D_s`` blocks of
 stage, non-decreasing over the stages that run it (stage ``s`` owns hidden channels
 ``[mid(e_{s-1}), mid(e_s))``). A stage that runs a block an earlier stage skipped sees expand 0 for
 that earlier stage, so it computes channels ``[0, mid(e_s))`` itself (the paper's catch-up rule).
+A stage that adds no channels to a block (``e_s == e_{s-1}``) computes nothing there, so its kernel
+has no effect: the canonical arch repeats the previous stage's kernel, and such archs are not counted
+or sampled twice.
 """
 
 from __future__ import annotations
@@ -85,6 +88,16 @@ def _nondecreasing(choices: tuple[int, ...], n: int) -> list[tuple[int, ...]]:
     return list(itertools.combinations_with_replacement(sorted(choices), n))
 
 
+@functools.lru_cache(maxsize=None)
+def _kernel_configs(expands: tuple[int, ...], n_kernels: int, n: int) -> np.ndarray:
+    """Per cumulative-expand sequence of a block run by ``n`` stages (``_nondecreasing`` order), its number
+    of kernel choices: one per stage that adds channels (the first, and each where the expand grows)."""
+    out = np.array([n_kernels ** (1 + sum(b > a for a, b in zip(seq, seq[1:])))
+                    for seq in _nondecreasing(expands, n)], dtype=np.float64)
+    out.flags.writeable = False  # shared by every caller
+    return out
+
+
 @dataclass(frozen=True)
 class SearchSpace:
     """The choices of the elastic supernet, and sampling/mutation/crossover/encoding of archs."""
@@ -154,11 +167,12 @@ class SearchSpace:
     def _depth_tuples(self) -> list[tuple[int, ...]]:
         return _nondecreasing(self.depths, self.stages)
 
+    def _seq_weights(self, n_run: int) -> np.ndarray:
+        return _kernel_configs(self.expands, len(self.kernels), n_run)
+
     def _slot_configs(self, n_run: int) -> int:
-        """How many (expand sequence, kernels) configs a block run by ``n_run`` stages has."""
-        if n_run == 0:
-            return 1
-        return len(_nondecreasing(self.expands, n_run)) * len(self.kernels) ** n_run
+        """How many canonical (expand sequence, kernels) configs a block run by ``n_run`` stages has."""
+        return int(self._seq_weights(n_run).sum()) if n_run else 1
 
     def _unit_weights(self) -> np.ndarray:
         """P(depth tuple of a unit) under uniform sampling of canonical multi-stage archs."""
@@ -186,12 +200,12 @@ class SearchSpace:
         n = self.stages - first
         ks, es = [0] * self.stages, [0] * self.stages
         if n:
-            seqs = _nondecreasing(self.expands, n)
-            seq = seqs[int(rng.integers(len(seqs)))]
+            w = self._seq_weights(n)
+            seq = _nondecreasing(self.expands, n)[int(rng.choice(len(w), p=w / w.sum()))]
             picks = rng.integers(len(self.kernels), size=n)
             for i, s in enumerate(range(first, self.stages)):
-                ks[s] = self.kernels[picks[i]]
                 es[s] = seq[i]
+                ks[s] = ks[s - 1] if i and seq[i] == seq[i - 1] else self.kernels[picks[i]]
         return ks, es
 
     def sample(self, rng: np.random.Generator) -> MultiStageArch:
@@ -276,6 +290,9 @@ class SearchSpace:
             for i in range(self.slots):
                 if a.expands[s][i] < a.expands[s - 1][i]:
                     raise ValueError(f"slot {i}: cumulative expand of stage {s + 1} < stage {s}")
+                if a.expands[s][i] == a.expands[s - 1][i] > 0 and a.kernels[s][i] != a.kernels[s - 1][i]:
+                    raise ValueError(f"slot {i}: stage {s + 1} adds no channels, so its kernel must repeat "
+                                     f"stage {s}'s ({a.kernels[s][i]} != {a.kernels[s - 1][i]})")
 
     # ---------------------------------------------------------------- encoding
     @property

@@ -106,14 +106,16 @@ def incremental(start, run_stage, *args) -> list[Tensor]:
 
 def handmade(space: SearchSpace) -> list[MultiStageArch]:
     """Depth catch-up everywhere (D = 2, 3, 4), equal widths (no new channels), and mixes of both."""
-    def stage(depth: int, kernel: int, expand: int) -> SubnetArch:
-        run = [j < depth for _ in range(space.units) for j in range(space.max_depth)]
-        return SubnetArch(RES[0], (depth,) * space.units, tuple(kernel * r for r in run),
-                          tuple(expand * r for r in run))
+    def stage(depth: int, kernels: tuple[int, ...], expand: int) -> SubnetArch:
+        """Every unit alike: ``depth`` blocks, block ``j`` with kernel ``kernels[j]``."""
+        return SubnetArch(RES[0], (depth,) * space.units,
+                          tuple(kernels[j] if j < depth else 0 for _ in range(space.units) for j in range(space.max_depth)),
+                          tuple(expand if j < depth else 0 for _ in range(space.units) for j in range(space.max_depth)))
+    # a stage that adds no channels to a block repeats its kernel (canonical form, SearchSpace.check)
     three = [
-        [stage(2, 3, 3), stage(3, 5, 4), stage(4, 7, 6)],  # catch-up in every unit, new channels everywhere
-        [stage(2, 5, 4), stage(2, 3, 4), stage(2, 7, 4)],  # equal widths: stages 2, 3 add nothing
-        [stage(2, 7, 6), stage(3, 3, 6), stage(4, 5, 6)],  # catch-up blocks only; old blocks add nothing
+        [stage(2, (3,) * 4, 3), stage(3, (5,) * 4, 4), stage(4, (7,) * 4, 6)],  # catch-up everywhere, new channels everywhere
+        [stage(2, (5,) * 4, 4)] * 3,  # equal widths: stages 2, 3 add nothing
+        [stage(2, (7,) * 4, 6), stage(3, (7, 7, 3, 3), 6), stage(4, (7, 7, 3, 5), 6)],  # catch-up blocks only
     ]
     return [MultiStageArch.from_stages(a[:space.stages] + [a[-1]] * (space.stages - 3)) for a in three]
 
@@ -178,11 +180,14 @@ def test_gradients_reach_every_stage_slice() -> None:
 
 @pytest.mark.parametrize("stages", [1, 3, 4])
 def test_export_matches_the_supernet_view(stages: int) -> None:
-    net, space, ms = make(stages)
+    """In float64: random weights make some archs' logits large (~2000) and ill-conditioned, where float32
+    rounding alone differs by ~2e-4 relative between two correct computations."""
+    net, space, _ = make(stages)
+    ms = MultiStageNet(copy.deepcopy(net).double()).eval()
     for a in archs(space, 3, 20 + stages) + handmade(space)[:1]:
-        x = image(a)
+        x = image(a).double()
         want = ms(x, a)
-        ex = ms.export(a)
+        ex = ms.export(a).double()
         assert not ex.training
         close(ex(x), want)
         close(incremental(ex.start, ex.run_stage, x), want)

@@ -12,7 +12,7 @@ import pytest
 import torch
 from conftest import ROOT
 
-from enas4d import config, cost, database, pipeline, train
+from enas4d import config, cost, data, database, pipeline, train
 from enas4d.evaluate import split_images
 from enas4d.space import MultiStageArch, SearchSpace
 from enas4d.supernet import to_ofa_state_dict
@@ -62,10 +62,14 @@ def test_splits_and_the_fixed_images(cfg: config.Config) -> None:
     val = pipeline.val_split(cfg, splits["metric"])
     assert len(val) == min(pipeline.VAL_IMAGES, len(splits["metric"]))
     images, labels = pipeline.database_images(cfg, splits["metric"])
-    assert torch.equal(images, split_images(splits["metric"])[:cfg.database.images])
-    assert torch.equal(labels, splits["metric"].labels[:cfg.database.images])
-    with pytest.raises(ValueError, match="the first 501 images requested from the 500 of split 'metric'"):
-        pipeline.head(splits["metric"], 501)
+    part = data.subset(splits["metric"], cfg.database.images, cfg.seed)
+    assert torch.equal(images, split_images(part)) and torch.equal(labels, part.labels)
+    assert len(set(part.indices)) == cfg.database.images
+    again, _ = pipeline.database_images(cfg, splits["metric"])
+    assert torch.equal(images, again), "the same images every time"
+    too_many = dataclasses.replace(cfg, database=dataclasses.replace(cfg.database, images=len(splits["metric"]) + 1))
+    with pytest.raises(ValueError, match=f"subset of {len(splits['metric']) + 1} images requested from the"):
+        pipeline.database_images(too_many, splits["metric"])
 
 
 def test_splits_must_fit_the_preset(cfg: config.Config) -> None:

@@ -78,6 +78,9 @@ def test_check_names_the_problem():
     smaller = SubnetArch(32, stages[2].depths, stages[2].kernels, tuple(3 if e else 0 for e in stages[2].expands))
     with pytest.raises(ValueError, match="cumulative expand of stage 3 < stage 2"):
         FMNIST.check(MultiStageArch.from_stages([stages[0], stages[1], smaller]))
+    other_kernel = SubnetArch(32, stages[2].depths, tuple(5 if k else 0 for k in stages[2].kernels), stages[2].expands)
+    with pytest.raises(ValueError, match="slot 0: stage 3 adds no channels, so its kernel must repeat stage 2's"):
+        FMNIST.check(MultiStageArch.from_stages([stages[0], stages[1], other_kernel]))
     with pytest.raises(ValueError, match="resolution 30"):
         FMNIST.check_subnet(SubnetArch(30, *[getattr(FMNIST.largest(), f) for f in ("depths", "kernels", "expands")]))
     skipped_nonzero = list(FMNIST.smallest().kernels)

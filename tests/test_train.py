@@ -86,7 +86,7 @@ def test_phase_spaces_open_one_dimension_at_a_time() -> None:
     space = SearchSpace(units=5, resolutions=(16, 20))
     got = {p: (s.kernels, s.depths, s.expands, s.resolutions)
            for p in train.PHASES for s in [train.phase_space(space, p)]}
-    assert got["full"] == ((7,), (4,), (6,), (16, 20))
+    assert got["full"] == ((7,), (4,), (6,), (20,)), "the teacher trains at the largest resolution only"
     assert got["kernel"] == ((3, 5, 7), (4,), (6,), (16, 20))
     assert got["depth"] == ((3, 5, 7), (2, 3, 4), (6,), (16, 20))
     assert got["expand"] == ((3, 5, 7), (2, 3, 4), (3, 4, 6), (16, 20))
