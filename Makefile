@@ -13,8 +13,11 @@ export PATH := $(CURDIR)/$(BIN):$(PATH)
 # DVC keeps per-repo state in a machine-wide site cache (/var/tmp/dvc); a root or CI run would leave it
 # owned by root for everyone else, so each checkout keeps its own under .dvc/tmp (git-ignored).
 export DVC_SITE_CACHE_DIR ?= $(CURDIR)/.dvc/tmp/site-cache
-# Spinning OpenMP threads slow torch down 2-10x when anything else runs on the machine (see enas4d/__init__.py).
-export OMP_WAIT_POLICY ?= PASSIVE
+# OpenMP's waiting policy: its default (spin a little, then sleep) is what the pipeline wants on an idle
+# machine; passive waiting made a 2-thread training step 1.7x slower there (494 vs 823 img/s). The tests
+# run several processes at once (2-rank gloo, database workers), where spinning threads steal each other's
+# cores, so `make test` waits passively. On a busy shared machine use OMP_WAIT_POLICY=PASSIVE for both.
+test: export OMP_WAIT_POLICY ?= PASSIVE
 
 .PHONY: repro test install data profile
 
