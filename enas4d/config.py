@@ -65,6 +65,7 @@ class PretrainConfig:
 
     batch_size: int = _rule(**POSITIVE)
     lr: float = _rule(**POSITIVE)
+    lr_shrink: float = _rule(**POSITIVE)
     momentum: float = _rule(ge=0, lt=1)
     nesterov: bool = _rule()
     weight_decay: float = _rule(ge=0)
@@ -76,6 +77,7 @@ class PretrainConfig:
     epochs_depth: int = _rule(ge=0)
     epochs_expand: int = _rule(ge=0)
     subnets_per_step: int = _rule(**POSITIVE)
+    sandwich: bool = _rule()
     precision: str = _rule(choices=("fp32", "bf16", "fp16"))
     bn_calib_images: int = _rule(**POSITIVE)
     eval_subnets: int = _rule(**POSITIVE)

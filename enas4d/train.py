@@ -250,6 +250,7 @@ class _Phase:
     name: str
     epochs: int
     teacher: bool  # distil from the frozen teacher in this phase
+    lr: float | None = None  # this phase's peak learning rate; None: the run's ``lr``
 
 
 @dataclass(frozen=True)
@@ -395,7 +396,7 @@ def _run(kind: str, model: OFAMobileNetV3, phases: Sequence[_Phase], task: _Task
             on_phase_start(pi)
         if ph.teacher and teacher is None:
             teacher = _frozen_copy(model)
-        opt = _sgd(model, **optim)
+        opt = _sgd(model, **{**optim, **({} if ph.lr is None else {"lr": ph.lr})})
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, ph.epochs * steps)
         scaler = torch.amp.GradScaler(device_type, enabled=run.precision == "fp16")
         if resumed:
@@ -462,15 +463,21 @@ def phase_space(space: SearchSpace, phase: str) -> SearchSpace:
 
 def pretrain(supernet: OFAMobileNetV3, train_split: Split, calib_split: Split, val_split: Split | None, *,
              ckpt_dir: str | os.PathLike, seed: int, epochs_full: int, epochs_kernel: int, epochs_depth: int,
-             epochs_expand: int, batch_size: int, lr: float, momentum: float = 0.9, nesterov: bool = True,
+             epochs_expand: int, batch_size: int, lr: float, lr_shrink: float | None = None,
+             momentum: float = 0.9, nesterov: bool = True,
              weight_decay: float = 3e-5, label_smoothing: float = 0.1, kd_ratio: float = 1.0,
-             subnets_per_step: int = 1, augment: bool = True, precision: str = "fp32", micro_batches: int = 1,
+             subnets_per_step: int = 1, sandwich: bool = False, augment: bool = True, precision: str = "fp32", micro_batches: int = 1,
              out: str | os.PathLike | None = None, stop_after: int | None = None) -> TrainResult:
     """OFA progressive shrinking of ``supernet`` (in place, on its device); writes ``out`` when complete.
 
     Loss per sampled subnet: label-smoothed CE + ``kd_ratio`` x KD towards the teacher (the largest
     subnet as it was after phase ``full``, frozen, on the same images at the largest resolution). SGD,
-    cosine schedule per phase, stepped per batch. After each epoch the largest and smallest subnets of
+    cosine schedule per phase, stepped per batch, from ``lr`` in phase ``full`` and from ``lr_shrink``
+    (default ``lr``) in the shrinking phases: OFA shrinks at a far lower rate than it trains the teacher,
+    and at the teacher's rate the first shrinking epoch undoes much of what the teacher learned. With
+    ``sandwich`` every shrinking step also trains the largest subnet besides the ``subnets_per_step``
+    random ones (BigNAS's sandwich rule, its largest half): it keeps the teacher's accuracy, which the
+    few random draws of a short run otherwise erode. After each epoch the largest and smallest subnets of
     the phase are evaluated on ``val_split`` (BN recalibrated on ``calib_split``; skipped when
     ``val_split`` is None) and a checkpoint is written; ``stop_after`` epochs end the call early (a simulated kill: call again
     to resume). ``out`` defaults to ``ckpt_dir/supernet.pt``. ``batch_size`` is the global batch (all
@@ -481,16 +488,20 @@ def pretrain(supernet: OFAMobileNetV3, train_split: Split, calib_split: Split, v
                       weight_decay=weight_decay, kd_ratio=kd_ratio, label_smoothing=label_smoothing)
     if subnets_per_step < 1:
         raise ValueError(f"subnets_per_step must be >= 1, got {subnets_per_step}")
+    if lr_shrink is not None:
+        _check_args(batch_size, lr_shrink, micro_batches, precision)
     distributed.broadcast_module(supernet)
     space = supernet.space
     epochs = dict(zip(PHASES, (epochs_full, epochs_kernel, epochs_depth, epochs_expand)))
-    phases = [_Phase(p, epochs[p], p != "full" and kd_ratio > 0) for p in PHASES]
+    phases = [_Phase(p, epochs[p], p != "full" and kd_ratio > 0, None if p == "full" else lr_shrink)
+              for p in PHASES]
     spaces = [phase_space(space, p) for p in PHASES]
     biggest = space.largest()
     calib = functools.cache(lambda: split_images(calib_split))  # read only if something is evaluated
 
     def sample(pi: int, rng: np.random.Generator) -> list[SubnetArch]:
-        return [spaces[pi].sample_subnet(rng) for _ in range(subnets_per_step)]
+        drawn = [spaces[pi].sample_subnet(rng) for _ in range(subnets_per_step)]
+        return [spaces[pi].largest(), *drawn] if sandwich and PHASES[pi] != "full" else drawn
 
     def loss(pi: int, arch: SubnetArch, x: Tensor, y: Tensor,
              teacher: OFAMobileNetV3 | None) -> tuple[Tensor, dict[str, float]]:
@@ -520,8 +531,9 @@ def pretrain(supernet: OFAMobileNetV3, train_split: Split, calib_split: Split, v
         return {"val_top1_largest": largest, "val_top1_smallest": smallest}
 
     fingerprint = {"kind": "pretrain", "seed": seed, "epochs": list(epochs.values()), "batch_size": batch_size,
-                   "lr": lr, "momentum": momentum, "nesterov": nesterov, "weight_decay": weight_decay,
+                   "lr": lr, "lr_shrink": lr_shrink, "momentum": momentum, "nesterov": nesterov, "weight_decay": weight_decay,
                    "label_smoothing": label_smoothing, "kd_ratio": kd_ratio, "subnets_per_step": subnets_per_step,
+                   "sandwich": sandwich,
                    "augment": augment, "precision": precision, "train_images": len(train_split),
                    "space": _space_dict(space), "spec": _spec_dict(supernet.spec),
                    "initial_weights": weights_digest(supernet)}

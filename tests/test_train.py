@@ -19,7 +19,8 @@ from enas4d.supernet import PRESETS, OFAMobileNetV3, resize
 
 torch.set_num_threads(1)
 SPACE = SearchSpace(units=5, resolutions=(16,))
-PRETRAIN = dict(seed=0, epochs_full=1, epochs_kernel=2, epochs_depth=0, epochs_expand=1, batch_size=16, lr=0.05)
+PRETRAIN = dict(seed=0, epochs_full=1, epochs_kernel=2, epochs_depth=0, epochs_expand=1, batch_size=16, lr=0.05,
+                lr_shrink=0.02)
 
 
 @pytest.fixture(scope="module")
@@ -109,8 +110,30 @@ def test_pretrain_killed_and_resumed_ends_with_identical_weights(tmp_path: Path,
     assert without_times(resumed.history) == without_times(full.history)
     row = full.history[-1]
     assert 0 <= row["val_top1_smallest"] <= 1 and np.isfinite(row["kd"]) and row["step"] == 4 * 4
+    # the teacher at lr, the shrinking phases from lr_shrink (half-way down its cosine after kernel epoch 1)
+    assert full.history[1]["lr"] == pytest.approx(PRETRAIN["lr_shrink"] / 2)
     loaded = train.load_supernet(tmp_path / "b" / "supernet.pt")
     assert same_state(loaded, whole) and loaded.space == SPACE
+
+
+def test_sandwich_trains_the_largest_subnet_in_every_shrinking_step(tmp_path: Path, splits: dict,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    net = fresh_net()
+    seen = []
+    forward = OFAMobileNetV3.forward
+
+    def spy(self, x, arch):
+        if self is net and torch.is_grad_enabled():  # the student's training passes only
+            seen.append(arch)
+        return forward(self, x, arch)
+
+    monkeypatch.setattr(OFAMobileNetV3, "forward", spy)
+    args = dict(PRETRAIN, epochs_full=1, epochs_kernel=1, epochs_expand=0)
+    train.pretrain(net, splits["train"], splits["calib"], None, ckpt_dir=tmp_path, sandwich=True, **args)
+    steps = len(splits["train"]) // args["batch_size"]
+    largest = train.phase_space(SPACE, "kernel").largest()
+    assert len(seen) == steps + 2 * steps  # phase full: one arch per step; kernel: the largest + one random
+    assert seen[steps::2] == [largest] * steps and any(a != largest for a in seen[steps + 1::2])
 
 
 def test_pretrain_starts_over_when_settings_change(tmp_path: Path, splits: dict) -> None:
