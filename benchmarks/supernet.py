@@ -13,9 +13,9 @@ Writes ``reports/benchmarks/supernet.json``:
   process CPU time, i.e. about the wall time of an idle machine when run with one thread), and the
   time to evaluate one subnet (BN recalibration on ``bn_calib_images`` + 1000 test images).
 
-Images are random (the cost does not depend on their content), so no prepared data is needed. On a
-shared machine run it with ``OMP_WAIT_POLICY=PASSIVE`` (recorded in the file): with spinning OpenMP
-threads, two torch threads were 2-10x slower than one whenever another process was busy.
+Images are random (the cost does not depend on their content), so no prepared data is needed. The OpenMP
+waiting policy is recorded in the file: on an idle machine leave it unset (``PASSIVE`` made training 1.7x
+slower); on a shared one ``OMP_WAIT_POLICY=PASSIVE`` keeps spinning threads from stealing busy cores.
 """
 
 from __future__ import annotations
@@ -90,14 +90,15 @@ def epoch_estimates(cfg: config.Config, space: SearchSpace, steps: int, side: in
     with tempfile.TemporaryDirectory() as tmp:
         res = train.pretrain(net, fake(steps * p.batch_size, 0), calib, None, ckpt_dir=Path(tmp) / "pre", seed=0,
                              epochs_full=1, epochs_kernel=1, epochs_depth=1, epochs_expand=1,
-                             batch_size=p.batch_size, lr=p.lr, momentum=p.momentum, nesterov=p.nesterov,
-                             weight_decay=p.weight_decay, label_smoothing=p.label_smoothing, kd_ratio=p.kd_ratio,
-                             subnets_per_step=p.subnets_per_step)
+                             batch_size=p.batch_size, lr=p.lr, lr_shrink=p.lr_shrink, momentum=p.momentum,
+                             nesterov=p.nesterov, weight_decay=p.weight_decay, label_smoothing=p.label_smoothing,
+                             kd_ratio=p.kd_ratio, subnets_per_step=p.subnets_per_step, sandwich=p.sandwich,
+                             augment=p.augment)
         for row in res.history:
             out[f"pretrain_{row['phase']}"] = _per_epoch(row, steps, n_train // p.batch_size)
         res = train.finetune(net, fake(steps * f.batch_size, 3), calib, None, ckpt_dir=Path(tmp) / "ft", seed=0,
                              stages=f.stages, epochs=1, batch_size=f.batch_size, lr=f.lr, momentum=f.momentum,
-                             nesterov=f.nesterov, weight_decay=f.weight_decay, kd_ratio=f.kd_ratio)
+                             nesterov=f.nesterov, weight_decay=f.weight_decay, kd_ratio=f.kd_ratio, augment=f.augment)
         out["finetune"] = _per_epoch(res.history[0], steps, n_train // f.batch_size)
     calib_images = torch.cat([x for x, _ in data.batches(calib, 1000, shuffle=False, seed=0)])
     for name, arch in (("largest", space.largest()), ("smallest", space.smallest())):
