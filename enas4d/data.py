@@ -24,7 +24,7 @@ import shutil
 import sys
 import tempfile
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -417,25 +417,39 @@ def batches(split: Split, batch_size: int, *, shuffle: bool, seed: int, epoch: i
         yield _normalize(x, split), y
 
 
-def plot_samples(split: Split, per_class: int = 8, seed: int = 0, max_classes: int = 10):
-    """A matplotlib figure: one row of ``per_class`` random images for each of the first classes."""
+def image_grid(rows: Sequence[Sequence[int]], image: Callable[[int], np.ndarray], row_labels: Sequence[str],
+               columns: int, cell: tuple[float, float], caption: Callable[[int], tuple[str, str]] | None = None):
+    """A matplotlib figure of images, row ``r`` showing ``image(i)`` for the indices ``rows[r]`` (cells past
+    them stay blank) with ``row_labels[r]`` on its left; ``caption(i)``: an optional (title, colour) per
+    image. ``image(i)`` is H×W (gray) or H×W×3 uint8, as ``display_image`` returns."""
     import matplotlib.pyplot as plt
 
-    rng = np.random.default_rng(seed)
-    labels = split.labels.numpy()
-    rows = min(split.num_classes, max_classes)
-    fig, axes = plt.subplots(rows, per_class, figsize=(per_class * 0.9, rows * 0.95), squeeze=False)
-    for c in range(rows):
-        pool = np.flatnonzero(labels == c)
-        chosen = rng.choice(pool, size=min(per_class, len(pool)), replace=False) if len(pool) else []
-        for j, ax in enumerate(axes[c]):
+    fig, axes = plt.subplots(len(rows), columns, figsize=(columns * cell[0], len(rows) * cell[1]), squeeze=False)
+    for r, chosen in enumerate(rows):
+        for j, ax in enumerate(axes[r]):
             ax.set_xticks([])
             ax.set_yticks([])
             for spine in ax.spines.values():
                 spine.set_visible(False)
             if j < len(chosen):
-                ax.imshow(display_image(split, int(chosen[j])), cmap="gray", vmin=0, vmax=255)
-        axes[c, 0].set_ylabel(split.classes[c], rotation=0, ha="right", va="center", fontsize=9)
+                img = image(int(chosen[j]))
+                ax.imshow(img, cmap="gray" if img.ndim == 2 else None, vmin=0, vmax=255)
+                if caption is not None:
+                    title, colour = caption(int(chosen[j]))
+                    ax.set_title(title, fontsize=7, color=colour)
+        axes[r, 0].set_ylabel(row_labels[r], rotation=0, ha="right", va="center", fontsize=9)
+    return fig
+
+
+def plot_samples(split: Split, per_class: int = 8, seed: int = 0, max_classes: int = 10):
+    """A matplotlib figure: one row of ``per_class`` random images for each of the first classes."""
+    rng = np.random.default_rng(seed)
+    labels = split.labels.numpy()
+    rows = []
+    for c in range(min(split.num_classes, max_classes)):
+        pool = np.flatnonzero(labels == c)
+        rows.append(rng.choice(pool, size=min(per_class, len(pool)), replace=False) if len(pool) else [])
+    fig = image_grid(rows, lambda i: display_image(split, i), split.classes, per_class, (0.9, 0.95))
     fig.suptitle(f"{split.name} split: {len(split)} images, {split.num_classes} classes", fontsize=10)
     fig.tight_layout()
     return fig

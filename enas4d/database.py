@@ -42,8 +42,9 @@ import torch
 from enas4d import config, cost
 from enas4d.evaluate import memory_format, recalibrate_bn
 from enas4d.progress import bar
+from enas4d.multistage import MultiStageNet
 from enas4d.space import MultiStageArch, SearchSpace
-from enas4d.supernet import resize
+from enas4d.supernet import OFAMobileNetV3, resize
 
 
 class DatabaseError(ValueError):
@@ -167,7 +168,8 @@ def plan(space: SearchSpace, *, archs: int, shard_size: int, seed: int, images: 
     arch_list = sample_archs(space, archs, seed)
     n_shards = (archs + shard_size - 1) // shard_size
     manifest = {"seed": seed, "stages": space.stages, "images": int(images), "shard_size": shard_size,
-                "weights": weights_id, "calib_images": int(calib_images), "batch_size": int(batch_size), "archs": [a.to_dict() for a in arch_list],
+                "weights": weights_id, "calib_images": int(calib_images), "batch_size": int(batch_size),
+                "archs": [a.to_dict() for a in arch_list],
                 "shards": [f"shard-{i:05d}.npz" for i in range(n_shards)]}
     out = Path(out)
     return BuildPlan(out.with_name(out.name + ".partial") / _fingerprint(manifest), manifest, arch_list)
@@ -256,12 +258,14 @@ def _read_shard(path: Path, manifest: dict, first: int) -> dict[str, np.ndarray]
         raise DatabaseError(f"{path}: arrays {sorted(arrays)}, expected {sorted(want)}")
     n_archs = min(manifest["shard_size"], len(manifest["archs"]) - first)
     shape = (n_archs, manifest["images"], manifest["stages"])
+    conf, correct = arrays["conf"], arrays["correct"]
     checks = [
-        (arrays["conf"].shape == shape and arrays["conf"].dtype == np.float16, f"conf {arrays['conf'].shape} {arrays['conf'].dtype}, expected {shape} float16"),
-        (arrays["correct"].shape == shape and arrays["correct"].dtype == bool, f"correct {arrays['correct'].shape} {arrays['correct'].dtype}, expected {shape} bool"),
+        (conf.shape == shape and conf.dtype == np.float16, f"conf {conf.shape} {conf.dtype}, expected {shape} float16"),
+        (correct.shape == shape and correct.dtype == bool,
+         f"correct {correct.shape} {correct.dtype}, expected {shape} bool"),
         (arrays["macs"].shape == shape[::2], f"macs {arrays['macs'].shape}, expected {shape[::2]}"),
         (np.array_equal(arrays["index"], np.arange(first, first + n_archs)), "arch indices do not match the manifest"),
-        (bool(np.all((arrays["conf"] >= 0) & (arrays["conf"] <= 1))), "confidences outside [0, 1]"),
+        (bool(np.all((conf >= 0) & (conf <= 1))), "confidences outside [0, 1]"),
         (bool(np.all(np.diff(arrays["macs"], axis=1) >= 0)), "cumulative MACs decrease over stages"),
     ]
     for ok, msg in checks:
@@ -298,23 +302,25 @@ def load(path: str | Path) -> Database:
 # ---------------------------------------------------------------------------------------------- command line
 
 
-def pipeline_plan(cfg: config.Config) -> BuildPlan:
-    """The pipeline's build under ``cfg`` (the fine-tuned weights are read on the CPU, only to name them)."""
+def pipeline_plan(cfg: config.Config, supernet: OFAMobileNetV3 | None = None) -> BuildPlan:
+    """The pipeline's build under ``cfg``; the fine-tuned weights (``supernet``, else read from their file
+    on the CPU) only name it."""
     from enas4d import pipeline, train  # pipeline imports this module
 
     d = cfg.database
-    weights = train.weights_digest(train.load_supernet(pipeline.MULTISTAGE))
+    weights = train.weights_digest(supernet if supernet is not None else train.load_supernet(pipeline.MULTISTAGE))
     return plan(pipeline.space(cfg), archs=d.archs, shard_size=d.shard_size, seed=cfg.seed, images=d.images,
                 weights_id=weights, calib_images=cfg.pretrain.bn_calib_images, batch_size=d.batch_size,
                 out=pipeline.DATABASE)
 
 
-def run_worker(cfg: config.Config, worker: int, workers: int) -> Path:
+def run_worker(cfg: config.Config, worker: int, workers: int, msnet: MultiStageNet | None = None) -> Path:
     """Worker ``worker`` of ``workers`` of the pipeline's build, exactly as the database notebook builds
-    (same images, calibration, weights name and output), without finalizing; returns the work directory."""
+    (same images, calibration, weights name and output), without finalizing; returns the work directory.
+    ``msnet``: the fine-tuned network when the caller has loaded it already."""
     from enas4d import pipeline, train  # pipeline imports this module
 
-    msnet = pipeline.load_multistage(cfg)
+    msnet = msnet or pipeline.load_multistage(cfg)
     splits = pipeline.splits(cfg)
     images, labels = pipeline.database_images(cfg, splits["metric"])
     calib = pipeline.calib_images(cfg, splits["train"])
@@ -335,9 +341,10 @@ def _exit_reason(code: int) -> str:
 def launch(params: str | Path, workers: int, *, finalize: bool = True) -> Path:
     """Build the pipeline's database with ``workers`` processes; return ``out`` (finalized) or the work dir.
 
-    Only workers with shards still missing run (none when ``out`` already holds this build). Each is a process ``python -m enas4d.database build
-    --worker i`` (on a CUDA machine it sees one GPU: ``i`` modulo the visible GPUs; on a CPU the ``threads``
-    of params are shared out), except that a lone pending worker runs in this process. If a worker fails,
+    Only workers with shards still missing run (none when ``out`` already holds this build). Each is a
+    process ``python -m enas4d.database build --worker i`` (on a CUDA machine it sees one GPU: ``i`` modulo
+    the visible GPUs; on a CPU the ``threads`` of params are shared out), except that a lone pending worker
+    runs in this process. If a worker fails,
     the others finish their shards and DatabaseError names it: rerunning the command resumes.
     """
     from enas4d import pipeline  # pipeline imports this module
@@ -345,14 +352,15 @@ def launch(params: str | Path, workers: int, *, finalize: bool = True) -> Path:
     if workers < 1:
         raise ValueError(f"--workers must be >= 1, got {workers}")
     cfg = config.load(params)
-    bp = pipeline_plan(cfg)
+    msnet = pipeline.load_multistage(cfg)
+    bp = pipeline_plan(cfg, msnet.supernet)
     out = Path(pipeline.DATABASE)
     if (out / "manifest.json").exists() and _fingerprint(_read_manifest(out)) == bp.work.name:
         return out  # this very build is already finished
     pending = [w for w in range(workers) if bp.shards_of(w, workers)]
     if len(pending) == 1:
         pipeline.set_threads(cfg)
-        run_worker(cfg, pending[0], workers)
+        run_worker(cfg, pending[0], workers, msnet)
     elif pending:
         gpus = torch.cuda.device_count() if pipeline.device(cfg).type == "cuda" else 0
         visible = os.environ.get("CUDA_VISIBLE_DEVICES")

@@ -32,6 +32,7 @@ import torch
 import yaml
 
 from enas4d import config
+from enas4d.data import image_grid
 from enas4d.evaluate import memory_format, recalibrate_bn
 from enas4d.multistage import ExitResult, MultiStageNet
 from enas4d.space import MultiStageArch, SubnetArch
@@ -326,31 +327,18 @@ def plot_exit_examples(image: Callable[[int], np.ndarray], true: np.ndarray, pre
     an ImageNet test set does not fit in memory); ``exit_stage`` is 0-based, of ``stages`` stages. Wrong
     predictions are titled in red. A stage that fewer images exit at shows what it has.
     """
-    import matplotlib.pyplot as plt
-
     n = len(true)
     if not (len(pred) == len(exit_stage) == n > 0) or per_stage < 1:
         raise ValueError(f"figure 6 needs one prediction and exit stage per label ({n} labels) and per_stage >= 1")
     if not 0 <= exit_stage.min() <= exit_stage.max() < stages:
         raise ValueError(f"exit stages must lie in [0, {stages}), got {exit_stage.min()}..{exit_stage.max()}")
     rng = np.random.default_rng(seed)
-    fig, axes = plt.subplots(stages, per_stage, figsize=(per_stage * 1.35, stages * 1.75), squeeze=False)
-    for s in range(stages):
-        pool = np.flatnonzero(exit_stage == s)
-        chosen = np.sort(rng.choice(pool, size=min(per_stage, len(pool)), replace=False))
-        for j, ax in enumerate(axes[s]):
-            ax.set_xticks([])
-            ax.set_yticks([])
-            for spine in ax.spines.values():
-                spine.set_visible(False)
-            if j < len(chosen):
-                i = int(chosen[j])
-                img = image(i)
-                ax.imshow(img, cmap="gray" if img.ndim == 2 else None, vmin=0, vmax=255)
-                ax.set_title(f"{classes[true[i]]}\n→ {classes[pred[i]]}", fontsize=7,
-                             color="black" if true[i] == pred[i] else "tab:red")
-        axes[s, 0].set_ylabel(f"stage {s + 1}\n{len(pool) / n:.1%} exit", rotation=0, ha="right", va="center",
-                              fontsize=9)
+    pools = [np.flatnonzero(exit_stage == s) for s in range(stages)]
+    rows = [np.sort(rng.choice(pool, size=min(per_stage, len(pool)), replace=False)) for pool in pools]
+    labels = [f"stage {s + 1}\n{len(pool) / n:.1%} exit" for s, pool in enumerate(pools)]
+    fig = image_grid(rows, image, labels, per_stage, (1.35, 1.75),
+                     lambda i: (f"{classes[true[i]]}\n→ {classes[pred[i]]}",
+                                "black" if true[i] == pred[i] else "tab:red"))
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     return fig

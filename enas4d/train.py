@@ -258,13 +258,16 @@ class _Task:
     """What one kind of training does per step.
 
     ``sample(phase, rng)`` draws the step's archs (one draw per step, not per batch part, and the same on
-    every rank: ``rng`` depends only on (seed, phase, epoch)); ``loss(phase, arch, x, y, teacher)`` is one
-    arch's loss and statistics on one batch part. Each arch's gradients are accumulated (OFA sums the
-    gradients of the subnets sampled in one step).
+    every rank: ``rng`` depends only on (seed, phase, epoch)); ``loss(phase, arch, x, y, soft)`` is one
+    arch's loss and statistics on one batch part, ``soft`` the teacher's softmax on that part (None in a
+    phase without a teacher). The teacher runs ``teacher_arch`` once per batch part, at that arch's
+    resolution, whatever the number of archs trained on it. Each arch's gradients are accumulated (OFA
+    sums the gradients of the subnets sampled in one step).
     """
 
     sample: Callable[[int, np.random.Generator], Sequence[Any]]
-    loss: Callable[[int, Any, Tensor, Tensor, "OFAMobileNetV3 | None"], tuple[Tensor, dict[str, float]]]
+    loss: Callable[[int, Any, Tensor, Tensor, Tensor | None], tuple[Tensor, dict[str, float]]]
+    teacher_arch: SubnetArch
 
 
 @dataclass(frozen=True)
@@ -327,9 +330,14 @@ def _train_epoch(task: _Task, pi: int, epoch: int, desc: str, model: nn.Module, 
             stats: dict[str, float] = {}
             error = None
             for j in range(parts):
+                xj, yj, soft = x[j::parts], y[j::parts], None
+                if teacher is not None:
+                    with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                        t = task.teacher_arch
+                        soft = F.softmax(teacher(resize(xj, t.resolution), t), 1)
                 for arch in archs:
                     with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-                        loss, part_stats = task.loss(pi, arch, x[j::parts], y[j::parts], teacher)
+                        loss, part_stats = task.loss(pi, arch, xj, yj, soft)
                     if not torch.isfinite(loss):
                         error = f"loss is {loss.item()}" + (f" on rank {ctx.rank}" if ctx.world > 1 else "")
                         break
@@ -427,12 +435,16 @@ def _run(kind: str, model: OFAMobileNetV3, phases: Sequence[_Phase], task: _Task
     return TrainResult(history, complete=True)
 
 
+def _check_rate(name: str, value: float) -> None:
+    if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+
+
 def _check_args(batch_size: int, lr: float, micro_batches: int, precision: str, **nonneg: float) -> _Execution:
     """One-line errors for arguments the loop cannot use (config.py checks params files the same way)."""
     if not (isinstance(batch_size, int) and batch_size >= 1):
         raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
-    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
-        raise ValueError(f"lr must be a finite number > 0, got {lr!r}")
+    _check_rate("lr", lr)
     for k, v in nonneg.items():
         if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
             raise ValueError(f"{k} must be a finite number >= 0, got {v!r}")
@@ -464,9 +476,9 @@ def phase_space(space: SearchSpace, phase: str) -> SearchSpace:
 def pretrain(supernet: OFAMobileNetV3, train_split: Split, calib_split: Split, val_split: Split | None, *,
              ckpt_dir: str | os.PathLike, seed: int, epochs_full: int, epochs_kernel: int, epochs_depth: int,
              epochs_expand: int, batch_size: int, lr: float, lr_shrink: float | None = None,
-             momentum: float = 0.9, nesterov: bool = True,
-             weight_decay: float = 3e-5, label_smoothing: float = 0.1, kd_ratio: float = 1.0,
-             subnets_per_step: int = 1, sandwich: bool = False, augment: bool = True, precision: str = "fp32", micro_batches: int = 1,
+             momentum: float = 0.9, nesterov: bool = True, weight_decay: float = 3e-5,
+             label_smoothing: float = 0.1, kd_ratio: float = 1.0, subnets_per_step: int = 1, sandwich: bool = False,
+             augment: bool = True, precision: str = "fp32", micro_batches: int = 1,
              out: str | os.PathLike | None = None, stop_after: int | None = None) -> TrainResult:
     """OFA progressive shrinking of ``supernet`` (in place, on its device); writes ``out`` when complete.
 
@@ -479,9 +491,9 @@ def pretrain(supernet: OFAMobileNetV3, train_split: Split, calib_split: Split, v
     random ones (BigNAS's sandwich rule, its largest half): it keeps the teacher's accuracy, which the
     few random draws of a short run otherwise erode. After each epoch the largest and smallest subnets of
     the phase are evaluated on ``val_split`` (BN recalibrated on ``calib_split``; skipped when
-    ``val_split`` is None) and a checkpoint is written; ``stop_after`` epochs end the call early (a simulated kill: call again
-    to resume). ``out`` defaults to ``ckpt_dir/supernet.pt``. ``batch_size`` is the global batch (all
-    ranks together); ``precision`` and ``micro_batches``: see the module docstring.
+    ``val_split`` is None) and a checkpoint is written; ``stop_after`` epochs end the call early (a
+    simulated kill: call again to resume). ``out`` defaults to ``ckpt_dir/supernet.pt``. ``batch_size``
+    is the global batch (all ranks together); ``precision`` and ``micro_batches``: see the module docstring.
     """
     run = _check_args(batch_size, lr, micro_batches, precision, epochs_full=epochs_full, epochs_kernel=epochs_kernel,
                       epochs_depth=epochs_depth, epochs_expand=epochs_expand, momentum=momentum,
@@ -489,7 +501,7 @@ def pretrain(supernet: OFAMobileNetV3, train_split: Split, calib_split: Split, v
     if subnets_per_step < 1:
         raise ValueError(f"subnets_per_step must be >= 1, got {subnets_per_step}")
     if lr_shrink is not None:
-        _check_args(batch_size, lr_shrink, micro_batches, precision)
+        _check_rate("lr_shrink", lr_shrink)
     distributed.broadcast_module(supernet)
     space = supernet.space
     epochs = dict(zip(PHASES, (epochs_full, epochs_kernel, epochs_depth, epochs_expand)))
@@ -503,15 +515,11 @@ def pretrain(supernet: OFAMobileNetV3, train_split: Split, calib_split: Split, v
         drawn = [spaces[pi].sample_subnet(rng) for _ in range(subnets_per_step)]
         return [spaces[pi].largest(), *drawn] if sandwich and PHASES[pi] != "full" else drawn
 
-    def loss(pi: int, arch: SubnetArch, x: Tensor, y: Tensor,
-             teacher: OFAMobileNetV3 | None) -> tuple[Tensor, dict[str, float]]:
-        xr = resize(x, arch.resolution)
-        logits = supernet(xr, arch)
+    def loss(pi: int, arch: SubnetArch, x: Tensor, y: Tensor, soft: Tensor | None) -> tuple[Tensor, dict[str, float]]:
+        logits = supernet(resize(x, arch.resolution), arch)
         ce = F.cross_entropy(logits, y, label_smoothing=label_smoothing)
         total, stats = ce, {}
-        if teacher is not None:
-            with torch.no_grad():
-                soft = F.softmax(teacher(resize(x, biggest.resolution), biggest), 1)
+        if soft is not None:
             kd = soft_cross_entropy(logits, soft)
             total = ce + kd_ratio * kd
             stats["kd"] = kd.item()
@@ -531,13 +539,13 @@ def pretrain(supernet: OFAMobileNetV3, train_split: Split, calib_split: Split, v
         return {"val_top1_largest": largest, "val_top1_smallest": smallest}
 
     fingerprint = {"kind": "pretrain", "seed": seed, "epochs": list(epochs.values()), "batch_size": batch_size,
-                   "lr": lr, "lr_shrink": lr_shrink, "momentum": momentum, "nesterov": nesterov, "weight_decay": weight_decay,
-                   "label_smoothing": label_smoothing, "kd_ratio": kd_ratio, "subnets_per_step": subnets_per_step,
-                   "sandwich": sandwich,
+                   "lr": lr, "lr_shrink": lr_shrink, "momentum": momentum, "nesterov": nesterov,
+                   "weight_decay": weight_decay, "label_smoothing": label_smoothing, "kd_ratio": kd_ratio,
+                   "subnets_per_step": subnets_per_step, "sandwich": sandwich,
                    "augment": augment, "precision": precision, "train_images": len(train_split),
                    "space": _space_dict(space), "spec": _spec_dict(supernet.spec),
                    "initial_weights": weights_digest(supernet)}
-    result = _run("pretrain", supernet, phases, _Task(sample, loss), evaluate, on_phase_start,
+    result = _run("pretrain", supernet, phases, _Task(sample, loss, biggest), evaluate, on_phase_start,
                   train_split, batch_size=batch_size, seed=seed, augment=augment,
                   optim=dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay),
                   ckpt_dir=ckpt_dir, fingerprint=fingerprint, stop_after=stop_after, run=run)
@@ -586,14 +594,11 @@ def finetune(supernet: OFAMobileNetV3, train_split: Split, calib_split: Split, v
         return [space.sample(rng)]
 
     def loss(pi: int, arch: MultiStageArch, x: Tensor, y: Tensor,
-             teacher: OFAMobileNetV3 | None) -> tuple[Tensor, dict[str, float]]:
-        xr = resize(x, arch.resolution)
-        outs = msnet(xr, arch)
+             soft: Tensor | None) -> tuple[Tensor, dict[str, float]]:
+        outs = msnet(resize(x, arch.resolution), arch)
         ce = sum(F.cross_entropy(o, y, label_smoothing=label_smoothing) for o in outs)
         total, stats = ce, {}
-        if teacher is not None:
-            with torch.no_grad():
-                soft = F.softmax(teacher(resize(x, biggest.resolution), biggest), 1)
+        if soft is not None:
             kd = sum(soft_cross_entropy(o, soft) for o in outs)
             total = ce + kd_ratio * kd
             stats["kd"] = kd.item()
@@ -614,8 +619,8 @@ def finetune(supernet: OFAMobileNetV3, train_split: Split, calib_split: Split, v
                    "kd_ratio": kd_ratio, "label_smoothing": label_smoothing, "augment": augment,
                    "precision": precision, "train_images": len(train_split), "space": _space_dict(space),
                    "spec": _spec_dict(supernet.spec), "initial_weights": weights_digest(supernet)}
-    result = _run("finetune", supernet, [_Phase("finetune", epochs, kd_ratio > 0)], _Task(sample, loss), evaluate,
-                  lambda pi: None, train_split, batch_size=batch_size, seed=seed, augment=augment,
+    result = _run("finetune", supernet, [_Phase("finetune", epochs, kd_ratio > 0)], _Task(sample, loss, biggest),
+                  evaluate, lambda pi: None, train_split, batch_size=batch_size, seed=seed, augment=augment,
                   optim=dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay),
                   ckpt_dir=ckpt_dir, fingerprint=fingerprint, stop_after=stop_after, run=run)
     if result.complete and distributed.context().main:

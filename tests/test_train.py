@@ -145,6 +145,14 @@ def test_pretrain_starts_over_when_settings_change(tmp_path: Path, splits: dict)
     assert len(run.history) == 1 and run.history[0]["lr"] == pytest.approx(0.1 / 2)  # half-way down the new cosine
 
 
+@pytest.mark.parametrize("key, value", [("lr", 0.0), ("lr_shrink", float("nan")), ("lr_shrink", -0.1)])
+def test_bad_learning_rates_are_named(tmp_path: Path, splits: dict, key: str, value: float) -> None:
+    with pytest.raises(ValueError, match=f"^{key} must be a finite number > 0, got {value}$"):
+        train.pretrain(fresh_net(), splits["train"], splits["calib"], None, ckpt_dir=tmp_path,
+                       **{**PRETRAIN, key: value})
+    assert not any(tmp_path.iterdir())
+
+
 def test_nonfinite_loss_stops_and_writes_no_checkpoint(tmp_path: Path, splits: dict) -> None:
     net = fresh_net()
     with torch.no_grad():
