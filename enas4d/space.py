@@ -83,7 +83,6 @@ class MultiStageArch:
 
 
 @functools.lru_cache(maxsize=None)
-@functools.lru_cache(maxsize=None)
 def _nondecreasing(choices: tuple[int, ...], n: int) -> tuple[tuple[int, ...], ...]:
     """All non-decreasing sequences of length ``n`` over sorted ``choices`` (cached: evolution calls it a lot)."""
     return tuple(itertools.combinations_with_replacement(sorted(choices), n))
@@ -109,7 +108,7 @@ def _first_stages(unit_depths: tuple[int, ...], max_depth: int) -> tuple[int, ..
 @functools.lru_cache(maxsize=None)
 def _seq_cdf(expands: tuple[int, ...], n_kernels: int, n: int) -> np.ndarray:
     """Cumulative ``_kernel_configs`` probabilities: drawing a sequence by ``searchsorted`` on one uniform
-    number is ~20x cheaper than ``rng.choice(p=...)``, which mutation calls for every resampled block."""
+    number is ~5x cheaper than ``rng.choice(p=...)``, which mutation calls for every resampled block."""
     w = _kernel_configs(expands, n_kernels, n)
     out = np.cumsum(w / w.sum())
     out.flags.writeable = False
