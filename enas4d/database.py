@@ -41,8 +41,8 @@ import torch
 
 from enas4d import config, cost
 from enas4d.evaluate import memory_format, recalibrate_bn
-from enas4d.progress import bar
 from enas4d.multistage import MultiStageNet
+from enas4d.progress import bar
 from enas4d.space import MultiStageArch, SearchSpace
 from enas4d.supernet import OFAMobileNetV3, resize
 
@@ -320,7 +320,8 @@ def run_worker(cfg: config.Config, worker: int, workers: int, msnet: MultiStageN
     ``msnet``: the fine-tuned network when the caller has loaded it already."""
     from enas4d import pipeline, train  # pipeline imports this module
 
-    msnet = msnet or pipeline.load_multistage(cfg)
+    if msnet is None:
+        msnet = pipeline.load_multistage(cfg)
     splits = pipeline.splits(cfg)
     images, labels = pipeline.database_images(cfg, splits["metric"])
     calib = pipeline.calib_images(cfg, splits["train"])
@@ -344,8 +345,8 @@ def launch(params: str | Path, workers: int, *, finalize: bool = True) -> Path:
     Only workers with shards still missing run (none when ``out`` already holds this build). Each is a
     process ``python -m enas4d.database build --worker i`` (on a CUDA machine it sees one GPU: ``i`` modulo
     the visible GPUs; on a CPU the ``threads`` of params are shared out), except that a lone pending worker
-    runs in this process. If a worker fails,
-    the others finish their shards and DatabaseError names it: rerunning the command resumes.
+    runs in this process. If a worker fails, the others finish their shards and DatabaseError names it:
+    rerunning the command resumes.
     """
     from enas4d import pipeline  # pipeline imports this module
 

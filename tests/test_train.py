@@ -145,6 +145,22 @@ def test_pretrain_starts_over_when_settings_change(tmp_path: Path, splits: dict)
     assert len(run.history) == 1 and run.history[0]["lr"] == pytest.approx(0.1 / 2)  # half-way down the new cosine
 
 
+def test_teacher_runs_once_per_batch_part_with_the_sandwich(tmp_path: Path, splits: dict, monkeypatch) -> None:
+    calls: list[tuple[int, ...]] = []
+    frozen_copy = train._frozen_copy
+
+    def counted(model: OFAMobileNetV3) -> OFAMobileNetV3:
+        teacher = frozen_copy(model)
+        teacher.register_forward_hook(lambda m, inp, out: calls.append(tuple(inp[0].shape)))
+        return teacher
+
+    monkeypatch.setattr(train, "_frozen_copy", counted)
+    args = dict(PRETRAIN, epochs_full=1, epochs_kernel=1, epochs_expand=0, sandwich=True)
+    train.pretrain(fresh_net(), splits["train"], splits["calib"], None, ckpt_dir=tmp_path, micro_batches=2, **args)
+    steps = len(splits["train"]) // args["batch_size"]
+    assert calls == [(args["batch_size"] // 2, 1, 16, 16)] * (2 * steps)  # 2 archs a step, 2 parts: 2 teacher runs
+
+
 @pytest.mark.parametrize("key, value", [("lr", 0.0), ("lr_shrink", float("nan")), ("lr_shrink", -0.1)])
 def test_bad_learning_rates_are_named(tmp_path: Path, splits: dict, key: str, value: float) -> None:
     with pytest.raises(ValueError, match=f"^{key} must be a finite number > 0, got {value}$"):
