@@ -41,10 +41,9 @@ import torch
 
 from enas4d import config, cost
 from enas4d.evaluate import memory_format, recalibrate_bn
-from enas4d.multistage import MultiStageNet
 from enas4d.progress import bar
 from enas4d.space import MultiStageArch, SearchSpace
-from enas4d.supernet import OFAMobileNetV3, resize
+from enas4d.supernet import resize
 
 
 class DatabaseError(ValueError):
@@ -302,26 +301,24 @@ def load(path: str | Path) -> Database:
 # ---------------------------------------------------------------------------------------------- command line
 
 
-def pipeline_plan(cfg: config.Config, supernet: OFAMobileNetV3 | None = None) -> BuildPlan:
-    """The pipeline's build under ``cfg``; the fine-tuned weights (``supernet``, else read from their file
-    on the CPU) only name it."""
+def pipeline_plan(cfg: config.Config) -> BuildPlan:
+    """The pipeline's build under ``cfg`` (the fine-tuned weights are read on the CPU, only to name them, so
+    a launcher of GPU workers holds no GPU itself; a worker reads the file again for its own device)."""
     from enas4d import pipeline, train  # pipeline imports this module
 
     d = cfg.database
-    weights = train.weights_digest(supernet if supernet is not None else train.load_supernet(pipeline.MULTISTAGE))
+    weights = train.weights_digest(train.load_supernet(pipeline.MULTISTAGE))
     return plan(pipeline.space(cfg), archs=d.archs, shard_size=d.shard_size, seed=cfg.seed, images=d.images,
                 weights_id=weights, calib_images=cfg.pretrain.bn_calib_images, batch_size=d.batch_size,
                 out=pipeline.DATABASE)
 
 
-def run_worker(cfg: config.Config, worker: int, workers: int, msnet: MultiStageNet | None = None) -> Path:
+def run_worker(cfg: config.Config, worker: int, workers: int) -> Path:
     """Worker ``worker`` of ``workers`` of the pipeline's build, exactly as the database notebook builds
-    (same images, calibration, weights name and output), without finalizing; returns the work directory.
-    ``msnet``: the fine-tuned network when the caller has loaded it already."""
+    (same images, calibration, weights name and output), without finalizing; returns the work directory."""
     from enas4d import pipeline, train  # pipeline imports this module
 
-    if msnet is None:
-        msnet = pipeline.load_multistage(cfg)
+    msnet = pipeline.load_multistage(cfg)
     splits = pipeline.splits(cfg)
     images, labels = pipeline.database_images(cfg, splits["metric"])
     calib = pipeline.calib_images(cfg, splits["train"])
@@ -353,15 +350,14 @@ def launch(params: str | Path, workers: int, *, finalize: bool = True) -> Path:
     if workers < 1:
         raise ValueError(f"--workers must be >= 1, got {workers}")
     cfg = config.load(params)
-    msnet = pipeline.load_multistage(cfg)
-    bp = pipeline_plan(cfg, msnet.supernet)
+    bp = pipeline_plan(cfg)
     out = Path(pipeline.DATABASE)
     if (out / "manifest.json").exists() and _fingerprint(_read_manifest(out)) == bp.work.name:
         return out  # this very build is already finished
     pending = [w for w in range(workers) if bp.shards_of(w, workers)]
     if len(pending) == 1:
         pipeline.set_threads(cfg)
-        run_worker(cfg, pending[0], workers, msnet)
+        run_worker(cfg, pending[0], workers)
     elif pending:
         gpus = torch.cuda.device_count() if pipeline.device(cfg).type == "cuda" else 0
         visible = os.environ.get("CUDA_VISIBLE_DEVICES")

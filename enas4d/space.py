@@ -185,33 +185,26 @@ class SearchSpace:
     def _depth_tuples(self) -> tuple[tuple[int, ...], ...]:
         return _nondecreasing(self.depths, self.stages)
 
-    def _seq_weights(self, n_run: int) -> np.ndarray:
-        return _kernel_configs(self.expands, len(self.kernels), n_run)
-
     def _slot_configs(self, n_run: int) -> int:
         """How many canonical (expand sequence, kernels) configs a block run by ``n_run`` stages has."""
-        return int(self._seq_weights(n_run).sum()) if n_run else 1
+        return int(_kernel_configs(self.expands, len(self.kernels), n_run).sum()) if n_run else 1
 
+    @cached_property
+    def _unit_counts(self) -> tuple[int, ...]:
+        """Per depth tuple of a unit (``_depth_tuples`` order), how many canonical configs its blocks have
+        (exact integers: the space has ~10^37 archs)."""
+        return tuple(math.prod(self._slot_configs(sum(d > j for d in dt)) for j in range(self.max_depth))
+                     for dt in self._depth_tuples)
+
+    @cached_property
     def _unit_weights(self) -> np.ndarray:
         """P(depth tuple of a unit) under uniform sampling of canonical multi-stage archs."""
-        w = []
-        for dt in self._depth_tuples:
-            prod = 1
-            for j in range(self.max_depth):
-                prod *= self._slot_configs(sum(d > j for d in dt))
-            w.append(prod)
-        w = np.array(w, dtype=np.float64)
+        w = np.array(self._unit_counts, dtype=np.float64)
         return w / w.sum()
 
     def size(self) -> int:
         """Number of distinct (canonical) multi-stage archs: the paper reports ~10^37 for its space."""
-        per_unit = 0
-        for dt in self._depth_tuples:
-            prod = 1
-            for j in range(self.max_depth):
-                prod *= self._slot_configs(sum(d > j for d in dt))
-            per_unit += prod
-        return len(self.resolutions) * per_unit ** self.units
+        return len(self.resolutions) * sum(self._unit_counts) ** self.units
 
     def _sample_slot(self, rng: np.random.Generator, first: int) -> tuple[list[int], list[int]]:
         """Kernels and cumulative expands of one block first run by stage ``first`` (0-based)."""
@@ -229,7 +222,7 @@ class SearchSpace:
 
     def sample(self, rng: np.random.Generator) -> MultiStageArch:
         """A multi-stage arch drawn uniformly from all canonical valid archs."""
-        weights = self._unit_weights()
+        weights = self._unit_weights
         depths = [self._depth_tuples[int(rng.choice(len(weights), p=weights))] for _ in range(self.units)]
         res = int(rng.choice(self.resolutions))
         return self._assemble(res, depths, lambda u, j, first: self._sample_slot(rng, first))
