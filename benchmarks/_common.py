@@ -10,13 +10,14 @@ import json
 import os
 import platform
 import statistics
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from enas4d import files
 
 OUT = Path(__file__).resolve().parents[1] / "reports" / "benchmarks"
 
@@ -60,17 +61,7 @@ def machine() -> dict:
 
 def write_json(name: str, results: dict) -> Path:
     """Write ``results`` (plus ``machine()``, floats rounded) to reports/benchmarks/<name>.json atomically; print it."""
-    OUT.mkdir(parents=True, exist_ok=True)
-    path = OUT / f"{name}.json"
     text = json.dumps(rounded({**results, "machine": machine()}), indent=1) + "\n"
-    fd, tmp = tempfile.mkstemp(dir=OUT, prefix=f".{name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o644)  # mkstemp makes the file private; reports are for everyone
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    path = files.write_text(OUT / f"{name}.json", text)
     print(text, end="")
     return path

@@ -12,7 +12,7 @@ same average MACs. Each baseline removes one ingredient:
   all of stages ``1..s`` whole (`cascade_macs`).
 
 Every net is evaluated once per split with all its exits, by the database's recipe
-(``pipeline.evaluate_like_database``: export, BN recalibration, no early exit). Thresholds are then
+(``database.evaluate_like_database``: export, BN recalibration, no early exit). Thresholds are then
 grid-searched on the metric-set rows and replayed on the test rows (`operating_point`): in eval mode a
 sample's logits do not depend on the rest of its batch, so the replay is early-exit inference without
 running the net again for every target. (Table 1 measures its nets by real early exit.)
@@ -26,9 +26,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from enas4d import cost, thresholds
+from enas4d.cost import mmacs
+from enas4d.database import ArchRows
 from enas4d.encoding import encode_many
 from enas4d.evolution import Fitness, search_static
-from enas4d.pipeline import ArchRows, mmacs
 from enas4d.predictor import MetricPredictor, predict
 from enas4d.space import MultiStageArch, SearchSpace, SubnetArch
 from enas4d.supernet import SupernetSpec

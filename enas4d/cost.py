@@ -9,7 +9,10 @@ from __future__ import annotations
 
 from functools import lru_cache
 
+import numpy as np
+
 from .ops import make_divisible
+from .plan import Plan
 from .space import MultiStageArch, SubnetArch
 from .supernet import BlockSpec, SupernetSpec
 
@@ -102,7 +105,7 @@ def subnet_macs(spec: SupernetSpec, arch: SubnetArch) -> int:
 
 
 # ---------------------------------------------------------------------------------------------- multi-stage archs
-# Owned by the multi-stage network (enas4d/multistage.py): MACs of its incremental, feature-reusing path.
+# MACs of the multi-stage network's incremental, feature-reusing path (its plan: enas4d/plan.py).
 
 
 def stage_macs(spec: SupernetSpec, arch: MultiStageArch) -> list[int]:
@@ -113,8 +116,6 @@ def stage_macs(spec: SupernetSpec, arch: MultiStageArch) -> list[int]:
     form) and its own head. A stage that adds no channels to a block pays nothing there (BN and the
     residual add are free), and heads of every stage a sample passed through count.
     """
-    from .multistage import Plan  # multistage imports this module; the per-stage slice rule lives there, once
-
     units = len(spec.units)
     for s in range(arch.num_stages):
         d, k, e = arch.depths[s], arch.kernels[s], arch.expands[s]
@@ -131,3 +132,8 @@ def stage_macs(spec: SupernetSpec, arch: MultiStageArch) -> list[int]:
         total += head
         out.append(total)
     return out
+
+
+def mmacs(macs: np.ndarray | list[int]) -> np.ndarray:
+    """MACs in millions, the unit of ``search.targets``."""
+    return np.asarray(macs, dtype=np.float64) / 1e6

@@ -32,6 +32,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from enas4d import config
+
 SPLITS = ("train", "metric", "test")
 DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
 DEBIAN_PACKAGE = "dataset-fashion-mnist"
@@ -467,8 +469,6 @@ def display_image(split: Split, i: int) -> np.ndarray:
 # -------------------------------------------------------------------------------------------------- CLI
 def main(argv: list[str] | None = None) -> int:
     """``check``: can the configured dataset be found? Exit 3 when Fashion-MNIST is simply not installed."""
-    from enas4d import config
-
     parser = argparse.ArgumentParser(prog="python -m enas4d.data", description=main.__doc__)
     parser.add_argument("command", choices=["check"])
     parser.add_argument("--params", default="params.yaml")

@@ -16,33 +16,31 @@ which DVC deletes before rerunning a stage), so a killed build resumes where it 
 directory is renamed into place at the end. ``worker``/``workers`` split the shards round-robin between
 processes, each writing only its own, so workers share nothing but the directory.
 
-``python -m enas4d.database build --workers N`` runs the pipeline's build in N worker processes (one GPU
-each on a GPU machine), then validates and finalizes it; a killed worker loses only its current shard,
-and rerunning the command starts workers just for the shards still missing.
+``python -m enas4d.cli database build --workers N`` (``enas4d.pipeline.launch``) runs the pipeline's build
+in N worker processes (one GPU each on a GPU machine), then validates and finalizes it; a killed worker
+loses only its current shard, and rerunning the command starts workers just for the shards still missing.
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
 import shutil
-import signal
-import socket
-import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
 
-from enas4d import config, cost
-from enas4d.evaluate import memory_format, recalibrate_bn
+from enas4d import cost
+from enas4d.evaluate import deploy, memory_format
+from enas4d.files import atomic_write
+from enas4d.multistage import MultiStageNet
 from enas4d.progress import bar
-from enas4d.space import MultiStageArch, SearchSpace
+from enas4d.space import MultiStageArch, SearchSpace, SubnetArch
 from enas4d.supernet import resize
 
 
@@ -71,22 +69,9 @@ class Database:
                 "mmacs_max": round(float(self.macs[:, -1].max()) / 1e6, 3)}
 
 
-def _atomic_bytes(path: Path, write) -> None:
-    """Write through a temp file of this process's own (every worker writes the manifest), then rename."""
-    tmp = path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def _write_json(path: Path, obj: dict) -> None:
-    _atomic_bytes(path, lambda f: f.write(json.dumps(obj, indent=1).encode()))
+    """Every worker writes the manifest: each through a temp file of its own (``files.atomic_write``)."""
+    atomic_write(path, lambda f: f.write(json.dumps(obj, indent=1).encode()))
 
 
 def sample_archs(space: SearchSpace, n: int, seed: int) -> list[MultiStageArch]:
@@ -127,15 +112,40 @@ def at_resolution(images: torch.Tensor, resolution: int) -> torch.Tensor:
     return resize(images, resolution).contiguous(memory_format=memory_format(images.device))
 
 
-def evaluate_arch(msnet, arch: MultiStageArch, images: torch.Tensor, labels: torch.Tensor, calib: torch.Tensor,
-                  batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+def evaluate_arch(msnet: MultiStageNet, arch: MultiStageArch, images: torch.Tensor, labels: torch.Tensor,
+                  calib: torch.Tensor, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
     """One database row's ``conf`` and ``correct`` [images, stages]: ``arch`` exported, its BN recalibrated
     on ``calib``, every stage run on ``images`` without early exit. ``images`` and ``calib`` are already
     ``at_resolution(..., arch.resolution)`` on the net's device (the build resizes once per resolution)."""
-    fmt = memory_format(images.device)
-    net = msnet.export(arch).to(memory_format=fmt)
-    recalibrate_bn(net, calib, batch_size, fmt=fmt)
-    return _stage_outputs(net, images, labels, batch_size)
+    return _stage_outputs(deploy(msnet, arch, calib, batch_size), images, labels, batch_size)
+
+
+class ArchRows(NamedTuple):
+    """One arch as a database row: ``conf``/``correct`` [images, stages], cumulative ``macs`` [stages]."""
+
+    conf: np.ndarray
+    correct: np.ndarray
+    macs: np.ndarray
+
+
+def as_multistage(arch: SubnetArch | MultiStageArch) -> MultiStageArch:
+    """A static subnet as a one-stage multi-stage arch (its network is the static subnet's)."""
+    return arch if isinstance(arch, MultiStageArch) else MultiStageArch.from_stages([arch])
+
+
+def evaluate_like_database(msnet: MultiStageNet, arch: SubnetArch | MultiStageArch, images: torch.Tensor,
+                           labels: torch.Tensor, calib: torch.Tensor, batch_size: int) -> ArchRows:
+    """``arch`` evaluated exactly as ``build`` evaluates each of its archs (the search re-checks its picks so).
+
+    Export, BN recalibration on ``calib`` at the arch's resolution, every stage on ``images`` without early
+    exit (same batches, float16 confidences), so thresholds searched on the result are those the database
+    would give. A static ``SubnetArch`` runs as a one-stage arch.
+    """
+    arch = as_multistage(arch)
+    dev = next(msnet.parameters()).device
+    x, xc = (at_resolution(t.to(dev), arch.resolution) for t in (images, calib))
+    conf, correct = evaluate_arch(msnet, arch, x, labels.to(dev), xc, batch_size)
+    return ArchRows(conf, correct, np.asarray(cost.stage_macs(msnet.supernet.spec, arch), dtype=np.int64))
 
 
 @dataclass(frozen=True)
@@ -215,7 +225,7 @@ def build(msnet, space: SearchSpace, spec, images: torch.Tensor, labels: torch.T
             arrays = {"conf": np.stack([rows[j][0] for j in idx]), "correct": np.stack([rows[j][1] for j in idx]),
                       "macs": np.asarray([rows[j][2] for j in idx], dtype=np.int64),
                       "index": np.asarray(idx, dtype=np.int64)}
-            _atomic_bytes(bp.work / bp.manifest["shards"][i], lambda f: np.savez(f, **arrays))
+            atomic_write(bp.work / bp.manifest["shards"][i], lambda f: np.savez(f, **arrays))
     if finalize and not bp.shards_of(0, 1):
         return finish(bp.work, out)
     return bp.work
@@ -231,6 +241,11 @@ def finish(work: Path, out: Path) -> Path:
     os.replace(staging, out)
     shutil.rmtree(work.parent, ignore_errors=True)
     return out
+
+
+def is_finished(out: Path, bp: BuildPlan) -> bool:
+    """Whether ``out`` already holds the finished build ``bp`` (a rerun then has nothing to do)."""
+    return (out / "manifest.json").exists() and _fingerprint(_read_manifest(out)) == bp.work.name
 
 
 def _read_manifest(path: Path) -> dict:
@@ -296,133 +311,3 @@ def load(path: str | Path) -> Database:
         raise DatabaseError(f"{path}: {len(conf)} archs in shards, manifest lists {len(manifest['archs'])}")
     return Database(conf, np.concatenate([s["correct"] for s in shards]), np.concatenate([s["macs"] for s in shards]),
                     [MultiStageArch.from_dict(d) for d in manifest["archs"]], manifest)
-
-
-# ---------------------------------------------------------------------------------------------- command line
-
-
-def pipeline_plan(cfg: config.Config) -> BuildPlan:
-    """The pipeline's build under ``cfg`` (the fine-tuned weights are read on the CPU, only to name them, so
-    a launcher of GPU workers holds no GPU itself; a worker reads the file again for its own device)."""
-    from enas4d import pipeline, train  # pipeline imports this module
-
-    d = cfg.database
-    weights = train.weights_digest(train.load_supernet(pipeline.MULTISTAGE))
-    return plan(pipeline.space(cfg), archs=d.archs, shard_size=d.shard_size, seed=cfg.seed, images=d.images,
-                weights_id=weights, calib_images=cfg.pretrain.bn_calib_images, batch_size=d.batch_size,
-                out=pipeline.DATABASE)
-
-
-def run_worker(cfg: config.Config, worker: int, workers: int) -> Path:
-    """Worker ``worker`` of ``workers`` of the pipeline's build, exactly as the database notebook builds
-    (same images, calibration, weights name and output), without finalizing; returns the work directory."""
-    from enas4d import pipeline, train  # pipeline imports this module
-
-    msnet = pipeline.load_multistage(cfg)
-    splits = pipeline.splits(cfg)
-    images, labels = pipeline.database_images(cfg, splits["metric"])
-    calib = pipeline.calib_images(cfg, splits["train"])
-    pipeline.ignored_dir(pipeline.DATABASE.with_name(pipeline.DATABASE.name + ".partial"))
-    settings = config.to_dict(cfg.database)
-    del settings["images"]
-    return build(msnet, pipeline.space(cfg), msnet.supernet.spec, images, labels, calib, seed=cfg.seed,
-                 out=pipeline.DATABASE, weights_id=train.weights_digest(msnet.supernet), worker=worker,
-                 workers=workers, finalize=False, **settings)
-
-
-def _exit_reason(code: int) -> str:
-    if code < 0:
-        return f"killed by {signal.Signals(-code).name}"
-    return f"exit code {code}"
-
-
-def launch(params: str | Path, workers: int, *, finalize: bool = True) -> Path:
-    """Build the pipeline's database with ``workers`` processes; return ``out`` (finalized) or the work dir.
-
-    Only workers with shards still missing run (none when ``out`` already holds this build). Each is a
-    process ``python -m enas4d.database build --worker i`` (on a CUDA machine it sees one GPU: ``i`` modulo
-    the visible GPUs; on a CPU the ``threads`` of params are shared out), except that a lone pending worker
-    runs in this process. If a worker fails, the others finish their shards and DatabaseError names it:
-    rerunning the command resumes.
-    """
-    from enas4d import pipeline  # pipeline imports this module
-
-    if workers < 1:
-        raise ValueError(f"--workers must be >= 1, got {workers}")
-    cfg = config.load(params)
-    bp = pipeline_plan(cfg)
-    out = Path(pipeline.DATABASE)
-    if (out / "manifest.json").exists() and _fingerprint(_read_manifest(out)) == bp.work.name:
-        return out  # this very build is already finished
-    pending = [w for w in range(workers) if bp.shards_of(w, workers)]
-    if len(pending) == 1:
-        pipeline.set_threads(cfg)
-        run_worker(cfg, pending[0], workers)
-    elif pending:
-        gpus = torch.cuda.device_count() if pipeline.device(cfg).type == "cuda" else 0
-        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-        ids = visible.split(",") if visible else [str(g) for g in range(gpus)]
-        threads = cfg.threads if gpus else max(1, cfg.threads // len(pending))
-        procs: dict[int, subprocess.Popen] = {}
-        try:
-            for w in pending:
-                env = dict(os.environ)
-                if gpus:
-                    env["CUDA_VISIBLE_DEVICES"] = ids[w % len(ids)]
-                if w != pending[0]:
-                    env["ENAS4D_QUIET"] = "1"  # one progress bar, not N interleaved ones
-                procs[w] = subprocess.Popen(
-                    [sys.executable, "-m", "enas4d.database", "build", "--params", str(params), "--workers",
-                     str(workers), "--worker", str(w), "--threads", str(threads)], env=env)
-            codes = {w: p.wait() for w, p in procs.items()}
-        finally:
-            for p in procs.values():
-                if p.poll() is None:
-                    p.terminate()
-                    p.wait()
-        failed = {w: c for w, c in codes.items() if c != 0}
-        if failed:
-            what = "; ".join(f"worker {w} failed ({_exit_reason(c)})" for w, c in failed.items())
-            raise DatabaseError(f"{bp.work}: {what}; finished shards are kept: rerun the same command to build "
-                                "only the missing ones")
-    return finish(bp.work, out) if finalize else bp.work
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``build`` (all workers, or one with ``--worker``), ``finish`` a build whose workers all ran, ``validate``."""
-    parser = argparse.ArgumentParser(prog="python -m enas4d.database", description=main.__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
-    b = commands.add_parser("build", help="build the pipeline's database (run from the project root)")
-    b.add_argument("--params", default="params.yaml")
-    b.add_argument("--workers", type=int, default=1, help="worker processes in all (one GPU each on CUDA)")
-    b.add_argument("--worker", type=int, default=None,
-                   help="run only this worker (0-based) in this process, e.g. one per machine; then `finish`")
-    b.add_argument("--threads", type=int, default=None, help="torch CPU threads of a --worker (default: threads)")
-    b.add_argument("--no-finish", action="store_true",
-                   help="leave the shards in <out>.partial/ (the database stage of `dvc repro` then finalizes)")
-    f = commands.add_parser("finish", help="validate and finalize a build whose shards all exist")
-    f.add_argument("--params", default="params.yaml")
-    v = commands.add_parser("validate", help="check a database directory and print its summary")
-    v.add_argument("path")
-    args = parser.parse_args(argv)
-    try:
-        if args.command == "validate":
-            print(json.dumps(validate(args.path)))
-        elif args.command == "finish":
-            from enas4d import pipeline  # pipeline imports this module
-
-            print(finish(pipeline_plan(config.load(args.params)).work, Path(pipeline.DATABASE)))
-        elif args.worker is not None:
-            cfg = config.load(args.params)
-            torch.set_num_threads(args.threads or cfg.threads)
-            print(run_worker(cfg, args.worker, args.workers))
-        else:
-            print(launch(args.params, args.workers, finalize=not args.no_finish))
-    except ValueError as err:  # ConfigError, DataError, DatabaseError, CheckpointError are ValueErrors
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,6 +1,6 @@
 """Data-parallel training over processes (``torchrun``): the process group and the few collectives it needs.
 
-``torchrun --nproc_per_node=N -m enas4d.train ...`` starts N processes (ranks); ``init`` joins them in a
+``torchrun --nproc_per_node=N -m enas4d.cli train ...`` starts N processes (ranks); ``init`` joins them in a
 process group (NCCL on GPUs, one GPU per rank; gloo on CPUs). Every rank holds the whole supernet, samples
 the *same* arch each step (the sampling generator depends only on (seed, phase, epoch)), trains it on its
 own shard of the global batch, and the ranks average their gradients before the optimizer step.

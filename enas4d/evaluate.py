@@ -62,6 +62,18 @@ def recalibrate_bn(model: nn.Module, images: Tensor, batch_size: int, *, resolut
     return model.eval()
 
 
+def deploy(net: nn.Module, arch: SubnetArch | MultiStageArch, calib_images: Tensor, batch_size: int) -> nn.Module:
+    """``arch`` as a standalone network, the one recipe every evaluation uses: exported (multi-stage arch, from
+    a ``MultiStageNet`` ``net``) or extracted (static subnet, from ``net`` or its supernet), on ``net``'s device
+    in its memory format, BN recalibrated on ``calib_images`` at the arch's resolution, in eval mode."""
+    supernet = net if isinstance(net, OFAMobileNetV3) else net.supernet
+    device = next(supernet.parameters()).device
+    fmt = memory_format(device)
+    model = net.export(arch) if isinstance(arch, MultiStageArch) else supernet.extract(arch)
+    model = model.to(device, memory_format=fmt)
+    return recalibrate_bn(model, calib_images, batch_size, resolution=arch.resolution, fmt=fmt)
+
+
 def stage_accuracy(run: Callable[[Tensor], list[Tensor]], split: Split, resolution: int, *,
                    batch_size: int = EVAL_BATCH, device: torch.device | str = "cpu",
                    fmt: torch.memory_format = torch.contiguous_format, desc: str = "eval") -> list[float]:
@@ -86,11 +98,9 @@ def evaluate_subnet(supernet: OFAMobileNetV3, arch: SubnetArch, split: Split, ca
                     batch_size: int = EVAL_BATCH) -> float:
     """Top-1 (fraction) of static subnet ``arch`` on ``split``: extract, recalibrate BN, evaluate."""
     device = next(supernet.parameters()).device
-    fmt = memory_format(device)
-    net = supernet.extract(arch).to(memory_format=fmt)
-    recalibrate_bn(net, calib_images, batch_size, resolution=arch.resolution, fmt=fmt)
+    net = deploy(supernet, arch, calib_images, batch_size)
     return stage_accuracy(lambda x: [net(x)], split, arch.resolution, batch_size=batch_size, device=device,
-                          fmt=fmt)[0]
+                          fmt=memory_format(device))[0]
 
 
 def evaluate_multistage(msnet: nn.Module, arch: MultiStageArch, split: Split, calib_images: Tensor, *,
@@ -100,10 +110,9 @@ def evaluate_multistage(msnet: nn.Module, arch: MultiStageArch, split: Split, ca
     ``msnet`` is an ``enas4d.multistage.MultiStageNet``; its export's forward returns the logits of all stages.
     """
     device = next(msnet.parameters()).device
-    fmt = memory_format(device)
-    net = msnet.export(arch).to(memory_format=fmt)
-    recalibrate_bn(net, calib_images, batch_size, resolution=arch.resolution, fmt=fmt)
-    return stage_accuracy(net, split, arch.resolution, batch_size=batch_size, device=device, fmt=fmt)
+    net = deploy(msnet, arch, calib_images, batch_size)
+    return stage_accuracy(net, split, arch.resolution, batch_size=batch_size, device=device,
+                          fmt=memory_format(device))
 
 
 def evaluate_subnets(supernet: OFAMobileNetV3, archs: Sequence[SubnetArch], split: Split, calib_images: Tensor, *,

@@ -34,7 +34,6 @@ import json
 import os
 import platform
 import statistics
-import tempfile
 import time
 from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -48,11 +47,12 @@ import torch
 from torch import Tensor, nn
 
 from enas4d.cost import slot_sides
-from enas4d.evaluate import memory_format, recalibrate_bn
-from enas4d.multistage import (BlockStep, ExportedMultiStageNet, MultiStageMBConv, MultiStageNet, Plan, StageCache,
-                               _BlockState, _early_exit, _mbconv_stage)
+from enas4d.evaluate import memory_format
+from enas4d.files import write_json
+from enas4d.multistage import (BlockState, BlockStep, ExportedMultiStageNet, MultiStageMBConv, MultiStageNet, Plan,
+                               StageCache, mbconv_stage, run_early_exit)
 from enas4d.progress import bar
-from enas4d.space import MultiStageArch, SearchSpace, SubnetArch
+from enas4d.space import MultiStageArch, SearchSpace
 from enas4d.supernet import OFAMobileNetV3, SupernetSpec, resize
 from enas4d.thresholds import Best, search
 
@@ -161,20 +161,8 @@ class LatencyTable:
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the table as JSON atomically (temp file in the same directory, then rename)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         blob = {"format": _FORMAT, "clock": self.clock, "meta": self.meta, "ops": self.records()}
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            os.fchmod(fd, 0o644)
-            with os.fdopen(fd, "w") as f:
-                json.dump(blob, f, indent=1)
-                f.write("\n")
-            os.replace(tmp, path)
-        except BaseException:
-            os.unlink(tmp)
-            raise
-        return path
+        return write_json(path, blob, indent=1)
 
 
 def load(path: str | os.PathLike) -> LatencyTable:
@@ -286,11 +274,11 @@ def _block_call(supernet: OFAMobileNetV3, slot: int, side: int, start: int, stop
     block = MultiStageMBConv(elastic, steps, len(steps)).eval().to(memory_format=fmt)
     x = torch.randn(1, elastic.spec.in_channels, side, side).contiguous(memory_format=fmt)
     stage = len(steps) - 1
-    state = _BlockState()
+    state = BlockState()
     if stage:
-        _mbconv_stage(block, state, x, steps[0], 0)
+        mbconv_stage(block, state, x, steps[0], 0)
     z, pooled, step = state.z, state.pooled, steps[stage]
-    return lambda: _mbconv_stage(block, _BlockState(z, list(pooled)), x, step, stage)
+    return lambda: mbconv_stage(block, BlockState(z, list(pooled)), x, step, stage)
 
 
 def _bookkeeping_calls(spec: SupernetSpec, stages: int, tensors: int,
@@ -300,10 +288,10 @@ def _bookkeeping_calls(spec: SupernetSpec, stages: int, tensors: int,
     feats = torch.randn(1, spec.first_block, 8, 8).contiguous(memory_format=fmt)
     z = torch.randn(1, spec.units[-1].width, 2, 2).contiguous(memory_format=fmt)
     stay = torch.ones(1, dtype=torch.bool)
-    full = StageCache(parts, feats, {i: _BlockState(z, [z.mean((2, 3))]) for i in range(tensors // 2)})
+    full = StageCache(parts, feats, {i: BlockState(z, [z.mean((2, 3))]) for i in range(tensors // 2)})
     empty = StageCache(parts, feats, {})
-    return {"exit_first": lambda: _early_exit(parts, feats, [0.0] * (stages - 1), [1] * stages),
-            "exit_last": lambda: _early_exit(parts, feats, [1.0] * (stages - 1), [1] * stages),
+    return {"exit_first": lambda: run_early_exit(parts, feats, [0.0] * (stages - 1), [1] * stages),
+            "exit_last": lambda: run_early_exit(parts, feats, [1.0] * (stages - 1), [1] * stages),
             "keep_full": lambda: full.keep(stay), "keep_empty": lambda: empty.keep(stay)}
 
 
@@ -477,17 +465,6 @@ def time_images(calls: dict[str, tuple[Callable[[Tensor], object], Tensor]], *, 
                 outs[name].append(out)
     return {name: ({"thread_cpu": np.array(cpu[name]) / 1e6, "wall": np.array(wall[name]) / 1e6}, outs[name])
             for name in names}
-
-
-def deploy(msnet: MultiStageNet, arch: MultiStageArch | SubnetArch, calib: Tensor, batch_size: int) -> nn.Module:
-    """``arch`` as a standalone network: exported (multi-stage) or extracted (static subnet), BN recalibrated on
-    ``calib`` at its resolution as the database does, in eval mode, on ``msnet``'s device in its memory format."""
-    dev = next(msnet.parameters()).device
-    fmt = memory_format(dev)
-    net = msnet.export(arch) if isinstance(arch, MultiStageArch) else msnet.supernet.extract(arch)
-    net = net.to(dev, memory_format=fmt)
-    return recalibrate_bn(net, resize(calib.to(dev), arch.resolution).contiguous(memory_format=fmt), batch_size,
-                          fmt=fmt)
 
 
 class Outcome(NamedTuple):

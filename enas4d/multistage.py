@@ -5,8 +5,8 @@ Three layers of ideas, top to bottom of this file:
 
 1. The paper's three multi-stage convolutions (independent, input reuse, output reuse) as small
    modules that hold one weight per stage. They are the building blocks of an exported network.
-2. A *plan* (which hidden-channel slice and kernel each stage computes in each block) and the
-   orchestration that runs it: the multi-stage MBConv step, the stage cache for incremental inference,
+2. A *plan* (which hidden-channel slice and kernel each stage computes in each block: ``enas4d.plan``,
+   shared with the MACs count of ``enas4d.cost``) and the orchestration that runs it: the multi-stage MBConv step, the stage cache for incremental inference,
    block-major training forward, early exit. It is written once against a small "parts" interface with
    two implementations: a view of the supernet (shared, sliced weights; used for fine-tuning) and an
    exported standalone network (own weights, own BN per block and stage, own head per stage).
@@ -24,7 +24,7 @@ feature map.
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Protocol
 
@@ -33,8 +33,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from enas4d import cost
+from enas4d.plan import BlockStep, Plan
 from enas4d.space import MultiStageArch
 from enas4d.supernet import ElasticMBConv, OFAMobileNetV3
+
+# The engine other modules build on (enas4d.latency times its pieces); the rest is this module's own.
+__all__ = ["BlockParts", "BlockState", "BlockStep", "ExitResult", "ExportedMultiStageNet", "IndependentConv",
+           "InputReuseConv", "MultiStageMBConv", "MultiStageNet", "NetParts", "OutputReuseConv", "Plan",
+           "StageCache", "mbconv_stage", "run_early_exit"]
 
 # --------------------------------------------------------------------------------------------------
 # The three multi-stage convolutions
@@ -150,64 +156,6 @@ class OutputReuseConv(nn.Module):
 
 
 # --------------------------------------------------------------------------------------------------
-# The plan: what each stage computes in each block
-# --------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class BlockStep:
-    """Stage work in one block: hidden channels ``[start, stop)`` (none when equal) with ``kernel``."""
-
-    slot: int
-    start: int
-    stop: int
-    kernel: int
-
-    @property
-    def channels(self) -> slice:
-        return slice(self.start, self.stop)
-
-    @property
-    def new(self) -> bool:
-        return self.stop > self.start
-
-
-@dataclass(frozen=True)
-class Plan:
-    """Per stage, the blocks it runs in network order, with the slice and kernel each one computes."""
-
-    stages: tuple[tuple[BlockStep, ...], ...]
-
-    @property
-    def num_stages(self) -> int:
-        return len(self.stages)
-
-    @classmethod
-    def of(cls, arch: MultiStageArch, mid: Callable[[int, int], int]) -> Plan:
-        """Stage ``s`` computes ``[mid(e_{s-1}), mid(e_s))`` of every block it runs.
-
-        ``mid(slot, expand)`` is the hidden width of a block; a stage that skipped a block holds expand 0
-        in the canonical arch (``mid = 0``), so the first stage to run a block computes ``[0, mid(e_s))``
-        itself: the paper's depth catch-up falls out of the rule with no special case.
-        """
-        width = lambda slot, e: mid(slot, e) if e else 0  # noqa: E731
-        stages = []
-        for s in range(arch.num_stages):
-            prev = arch.expands[s - 1] if s else (0,) * len(arch.expands[s])
-            stages.append(tuple(BlockStep(i, width(i, prev[i]), width(i, e), arch.kernels[s][i])
-                                for i, e in enumerate(arch.expands[s]) if e))
-        return cls(tuple(stages))
-
-    def by_slot(self) -> dict[int, list[tuple[int, BlockStep]]]:
-        """``slot -> [(stage, step), ...]`` in network order, for the block-major forward."""
-        out: dict[int, list[tuple[int, BlockStep]]] = {}
-        for s, steps in enumerate(self.stages):
-            for step in steps:
-                out.setdefault(step.slot, []).append((s, step))
-        return dict(sorted(out.items()))
-
-
-# --------------------------------------------------------------------------------------------------
 # The orchestration, written once against the "parts" interface
 # --------------------------------------------------------------------------------------------------
 
@@ -246,14 +194,14 @@ class NetParts(Protocol):
 
 
 @dataclass
-class _BlockState:
+class BlockState:
     """What later stages reuse from a block: the pre-BN projection sum and the SE inputs so far."""
 
     z: Tensor | None = None
     pooled: list[Tensor] = field(default_factory=list)
 
 
-def _mbconv_stage(block: BlockParts, state: _BlockState, x: Tensor, step: BlockStep, stage: int) -> Tensor:
+def mbconv_stage(block: BlockParts, state: BlockState, x: Tensor, step: BlockStep, stage: int) -> Tensor:
     """One multi-stage MBConv at one stage: compute the new slice, update ``state``, return the output."""
     if step.new:
         h = block.hidden(x, stage)
@@ -275,7 +223,7 @@ class StageCache:
 
     parts: NetParts
     features: Tensor
-    blocks: dict[int, _BlockState]
+    blocks: dict[int, BlockState]
     next_stage: int = 0
 
     @property
@@ -300,7 +248,7 @@ def _run_stage(cache: StageCache) -> Tensor:
         raise ValueError(f"run_stage: all {cache.num_stages} stages of this cache already ran")
     x = cache.features
     for step in cache.parts.plan.stages[s]:
-        x = _mbconv_stage(cache.parts.block(step.slot), cache.blocks.setdefault(step.slot, _BlockState()),
+        x = mbconv_stage(cache.parts.block(step.slot), cache.blocks.setdefault(step.slot, BlockState()),
                           x, step, s)
     cache.next_stage = s + 1
     return cache.parts.head(x, s)
@@ -311,9 +259,9 @@ def _forward(parts: NetParts, x: Tensor) -> list[Tensor]:
     feats = parts.stem(x)
     xs = [feats] * parts.plan.num_stages
     for slot, steps in parts.plan.by_slot().items():
-        state = _BlockState()
+        state = BlockState()
         for s, step in steps:
-            xs[s] = _mbconv_stage(parts.block(slot), state, xs[s], step, s)
+            xs[s] = mbconv_stage(parts.block(slot), state, xs[s], step, s)
     return [parts.head(h, s) for s, h in enumerate(xs)]
 
 
@@ -327,7 +275,7 @@ class ExitResult:
 
 
 @torch.no_grad()
-def _early_exit(parts: NetParts, x: Tensor, thresholds: Sequence[float], stage_macs: Sequence[int]) -> ExitResult:
+def run_early_exit(parts: NetParts, x: Tensor, thresholds: Sequence[float], stage_macs: Sequence[int]) -> ExitResult:
     """Run stage by stage; a sample whose max softmax is > ``T_s`` leaves the batch at stage ``s``."""
     S = parts.plan.num_stages
     if len(thresholds) != S - 1:
@@ -449,7 +397,7 @@ class MultiStageNet(nn.Module):
     def early_exit(self, x: Tensor, arch: MultiStageArch, thresholds: Sequence[float]) -> ExitResult:
         """Early-exit inference of a batch: a sample leaves after stage ``s < S`` when its max softmax > ``T_s``."""
         _check_eval(self)
-        return _early_exit(self._parts(x, arch), x, thresholds, cost.stage_macs(self.supernet.spec, arch))
+        return run_early_exit(self._parts(x, arch), x, thresholds, cost.stage_macs(self.supernet.spec, arch))
 
     @torch.no_grad()
     def export(self, arch: MultiStageArch) -> ExportedMultiStageNet:
@@ -571,4 +519,4 @@ class ExportedMultiStageNet(nn.Module):
     def early_exit(self, x: Tensor, thresholds: Sequence[float]) -> ExitResult:
         _check_eval(self)
         _check_input(x, self.resolution)
-        return _early_exit(self, x, thresholds, self.stage_macs)
+        return run_early_exit(self, x, thresholds, self.stage_macs)

@@ -3,7 +3,7 @@
 Every DVC stage is ``python -m enas4d.notebook notebooks/NN_name.ipynb``: the params file is validated
 first (one-line error), the notebook's ``parameters`` cell is inspected, the top-level params sections
 of those names are injected, and the executed copy lands in ``reports/notebooks/`` only when every cell
-ran (written to a temp file, then renamed), so a failed run never leaves a half-executed copy that DVC
+ran (written atomically, ``enas4d.files``), so a failed run never leaves a half-executed copy that DVC
 could take for a result. A failing cell fails the stage with the notebook's own traceback.
 
 Notebooks declare their sections as ``None`` in the parameters cell and pass them to
@@ -14,13 +14,12 @@ run by papermill they get the injected values.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
 from typing import Any
 
-from enas4d import config
+from enas4d import config, files
 
 OUT_DIR = Path("reports/notebooks")
 
@@ -42,28 +41,16 @@ def project_root(start: str | Path | None = None) -> Path:
     raise FileNotFoundError(f"{here}: no dvc.yaml here or above; open the notebook from the enas4d checkout")
 
 
-def _tmp_for(path: Path) -> Path:
-    return path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
-
-
 def write_json(path: str | Path, obj: Any) -> Path:
-    """Write ``obj`` as indented JSON atomically (temp file, then rename); for DVC metrics files."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_for(path)
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
-    return path
+    """Write ``obj`` as indented JSON atomically; for DVC metrics files."""
+    return files.write_json(path, obj)
 
 
 def save_figure(fig: Any, path: str | Path, dpi: int = 120) -> Path:
     """Save a matplotlib figure atomically, in the format of ``path``'s suffix."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_for(path)
-    fig.savefig(tmp, dpi=dpi, bbox_inches="tight", format=path.suffix.lstrip(".") or "png")
-    os.replace(tmp, path)
-    return path
+    with files.atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=dpi, bbox_inches="tight", format=Path(path).suffix.lstrip(".") or "png")
+    return Path(path)
 
 
 def parameters(notebook: str | Path, params: str | Path = "params.yaml") -> dict[str, Any]:
@@ -89,20 +76,16 @@ def run(notebook: str | Path, params: str | Path = "params.yaml", out_dir: str |
         raise NotebookError(f"{notebook}: notebook not found")
     values = parameters(notebook, params)
     out = Path(out_dir) / notebook.name
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_for(out)
     try:
-        papermill.execute_notebook(str(notebook), str(tmp), parameters=values, kernel_name="python3",
-                                   cwd=str(Path.cwd()), progress_bar=os.environ.get("ENAS4D_QUIET") != "1",
-                                   # the kernel's own log (e.g. its warning that the loopback socket is not
-                                   # encrypted) is noise in stage logs; cell errors still come through
-                                   extra_arguments=["--IPKernelApp.log_level=ERROR"])
-        os.replace(tmp, out)
+        with files.atomic_path(out) as tmp:
+            papermill.execute_notebook(str(notebook), str(tmp), parameters=values, kernel_name="python3",
+                                       cwd=str(Path.cwd()), progress_bar=os.environ.get("ENAS4D_QUIET") != "1",
+                                       # the kernel's own log (e.g. its warning that the loopback socket is not
+                                       # encrypted) is noise in stage logs; cell errors still come through
+                                       extra_arguments=["--IPKernelApp.log_level=ERROR"])
     except PapermillExecutionError as err:
         raise NotebookError(f"{str(err).strip()}\n{notebook}: {_cell_name(notebook, err.source)} failed: "
                             f"{err.ename}: {err.evalue}") from None
-    finally:
-        tmp.unlink(missing_ok=True)
     return out
 
 

@@ -2,26 +2,33 @@
 
 Paths of the stage artefacts, the search space and splits a config implies, the fixed BN-calibration
 images, loading the fine-tuned multi-stage network, device and threads, wall-clock timing for the
-``seconds`` every stage reports (Table 2), and the database-style evaluation of one arch that the search
-stage uses to re-check its chosen archs on exactly the images and recipe the database was built with.
+``seconds`` every stage reports (Table 2), and the stage runners that the notebooks and the command line
+(``enas4d.cli``) share: training (``run_stage``) and the database build (``database_plan``, ``run_worker``,
+``launch``), so a run started by either is resumed by the other.
+
+This module is glue, the top layer (docs/DESIGN.md, "Layers"): it imports the library, and no library
+module imports it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
+import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import NamedTuple
 
-import numpy as np
 import torch
 
-from enas4d import config, cost, data, database, train
+from enas4d import config, data, database, train
+from enas4d.cost import mmacs  # noqa: F401  (the notebooks' MACs unit, one namespace for them)
 from enas4d.evaluate import split_images
 from enas4d.multistage import MultiStageNet
-from enas4d.space import MultiStageArch, SearchSpace, SubnetArch
+from enas4d.space import SearchSpace
 from enas4d.supernet import PRESETS, OFAMobileNetV3, SupernetSpec, load_ofa_state_dict
 
 CHECKPOINTS = Path("checkpoints")
@@ -173,11 +180,6 @@ def check_cost(cfg: config.Config) -> None:
                          "set search.cost: macs")
 
 
-def mmacs(macs: np.ndarray | list[int]) -> np.ndarray:
-    """MACs in millions, the unit of ``search.targets``."""
-    return np.asarray(macs, dtype=np.float64) / 1e6
-
-
 def predictor_path(kind: str, target: float) -> Path:
     """File of the per-target predictor of ``kind`` (``multistage`` or the single-exit ``static`` baseline)."""
     if kind not in ("multistage", "static"):
@@ -215,32 +217,102 @@ class Timer:
         return sum(self.seconds.values())
 
 
-# ---------------------------------------------------------------------------------------------- evaluation
+# ---------------------------------------------------------------------------------------------- stage runners
 
 
-class ArchRows(NamedTuple):
-    """One arch as a database row: ``conf``/``correct`` [images, stages], cumulative ``macs`` [stages]."""
+def run_stage(cfg: config.Config, stage: str, micro_batches: int = 1) -> train.TrainResult:
+    """Stage ``pretrain`` or ``finetune`` of the pipeline, as its notebook and ``python -m enas4d.cli train``
+    both run it (same paths and arguments: either resumes the other's run from its resume checkpoint)."""
+    splits_ = splits(cfg)
+    calib, val = calib_split(cfg, splits_["train"]), val_split(cfg, splits_["metric"])
+    if stage == "pretrain":
+        settings = config.to_dict(cfg.pretrain)
+        del settings["bn_calib_images"], settings["eval_subnets"]
+        return train.pretrain(new_supernet(cfg), splits_["train"], calib, val, ckpt_dir=resume_dir("supernet"),
+                              seed=cfg.seed, out=SUPERNET, micro_batches=micro_batches, **settings)
+    if stage == "finetune":
+        return train.finetune(load_supernet(cfg), splits_["train"], calib, val, ckpt_dir=resume_dir("finetune"),
+                              seed=cfg.seed, out=MULTISTAGE, micro_batches=micro_batches,
+                              **config.to_dict(cfg.finetune))
+    raise ValueError(f"unknown stage {stage!r}; stages are pretrain, finetune")
 
-    conf: np.ndarray
-    correct: np.ndarray
-    macs: np.ndarray
+
+def database_plan(cfg: config.Config) -> database.BuildPlan:
+    """The pipeline's database build under ``cfg`` (the fine-tuned weights are read on the CPU, only to name
+    them, so a launcher of GPU workers holds no GPU itself; a worker reads the file again for its device)."""
+    d = cfg.database
+    weights = train.weights_digest(train.load_supernet(MULTISTAGE))
+    return database.plan(space(cfg), archs=d.archs, shard_size=d.shard_size, seed=cfg.seed, images=d.images,
+                         weights_id=weights, calib_images=cfg.pretrain.bn_calib_images, batch_size=d.batch_size,
+                         out=DATABASE)
 
 
-def as_multistage(arch: SubnetArch | MultiStageArch) -> MultiStageArch:
-    """A static subnet as a one-stage multi-stage arch (its network is the static subnet's)."""
-    return arch if isinstance(arch, MultiStageArch) else MultiStageArch.from_stages([arch])
+def run_worker(cfg: config.Config, worker: int, workers: int) -> Path:
+    """Worker ``worker`` of ``workers`` of the pipeline's build, exactly as the database notebook builds
+    (same images, calibration, weights name and output), without finalizing; returns the work directory."""
+    msnet = load_multistage(cfg)
+    splits_ = splits(cfg)
+    images, labels = database_images(cfg, splits_["metric"])
+    calib = calib_images(cfg, splits_["train"])
+    ignored_dir(DATABASE.with_name(DATABASE.name + ".partial"))
+    settings = config.to_dict(cfg.database)
+    del settings["images"]
+    return database.build(msnet, space(cfg), msnet.supernet.spec, images, labels, calib, seed=cfg.seed,
+                          out=DATABASE, weights_id=train.weights_digest(msnet.supernet), worker=worker,
+                          workers=workers, finalize=False, **settings)
 
 
-def evaluate_like_database(msnet: MultiStageNet, arch: SubnetArch | MultiStageArch, images: torch.Tensor,
-                           labels: torch.Tensor, calib: torch.Tensor, batch_size: int) -> ArchRows:
-    """``arch`` evaluated exactly as ``database.build`` evaluates each of its archs.
+def _exit_reason(code: int) -> str:
+    if code < 0:
+        return f"killed by {signal.Signals(-code).name}"
+    return f"exit code {code}"
 
-    Export, BN recalibration on ``calib`` at the arch's resolution, every stage on ``images`` without early
-    exit (same batches, float16 confidences), so thresholds searched on the result are those the database
-    would give. A static ``SubnetArch`` runs as a one-stage arch.
+
+def launch(params: str | Path, workers: int, *, finalize: bool = True) -> Path:
+    """Build the pipeline's database with ``workers`` processes; return ``out`` (finalized) or the work dir.
+
+    Only workers with shards still missing run (none when ``out`` already holds this build). Each is a
+    process ``python -m enas4d.cli database build --worker i`` (on a CUDA machine it sees one GPU: ``i``
+    modulo the visible GPUs; on a CPU the ``threads`` of params are shared out), except that a lone pending
+    worker runs in this process. If a worker fails, the others finish their shards and DatabaseError names
+    it: rerunning the command resumes.
     """
-    arch = as_multistage(arch)
-    dev = next(msnet.parameters()).device
-    x, xc = (database.at_resolution(t.to(dev), arch.resolution) for t in (images, calib))
-    conf, correct = database.evaluate_arch(msnet, arch, x, labels.to(dev), xc, batch_size)
-    return ArchRows(conf, correct, np.asarray(cost.stage_macs(msnet.supernet.spec, arch), dtype=np.int64))
+    if workers < 1:
+        raise ValueError(f"--workers must be >= 1, got {workers}")
+    cfg = config.load(params)
+    bp = database_plan(cfg)
+    out = Path(DATABASE)
+    if database.is_finished(out, bp):
+        return out  # this very build is already finished
+    pending = [w for w in range(workers) if bp.shards_of(w, workers)]
+    if len(pending) == 1:
+        set_threads(cfg)
+        run_worker(cfg, pending[0], workers)
+    elif pending:
+        gpus = torch.cuda.device_count() if device(cfg).type == "cuda" else 0
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        ids = visible.split(",") if visible else [str(g) for g in range(gpus)]
+        threads = cfg.threads if gpus else max(1, cfg.threads // len(pending))
+        procs: dict[int, subprocess.Popen] = {}
+        try:
+            for w in pending:
+                env = dict(os.environ)
+                if gpus:
+                    env["CUDA_VISIBLE_DEVICES"] = ids[w % len(ids)]
+                if w != pending[0]:
+                    env["ENAS4D_QUIET"] = "1"  # one progress bar, not N interleaved ones
+                procs[w] = subprocess.Popen(
+                    [sys.executable, "-m", "enas4d.cli", "database", "build", "--params", str(params), "--workers",
+                     str(workers), "--worker", str(w), "--threads", str(threads)], env=env)
+            codes = {w: p.wait() for w, p in procs.items()}
+        finally:
+            for p in procs.values():
+                if p.poll() is None:
+                    p.terminate()
+                    p.wait()
+        failed = {w: c for w, c in codes.items() if c != 0}
+        if failed:
+            what = "; ".join(f"worker {w} failed ({_exit_reason(c)})" for w, c in failed.items())
+            raise database.DatabaseError(f"{bp.work}: {what}; finished shards are kept: rerun the same command to "
+                                         "build only the missing ones")
+    return database.finish(bp.work, out) if finalize else bp.work

@@ -15,16 +15,16 @@ Two choices beyond the paper:
 from __future__ import annotations
 
 import os
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 from scipy.stats import kendalltau
 from torch import nn
+
+from enas4d.files import atomic_write
 
 _FORMAT = "enas4d.predictor/1"
 
@@ -209,20 +209,10 @@ def predict(model: MetricPredictor, X: np.ndarray, cond: np.ndarray | Sequence[f
 
 
 def save(model: MetricPredictor, path: str | os.PathLike) -> None:
-    """Write the weights and the sizes needed to rebuild the model, atomically (temp file + os.replace)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write the weights and the sizes needed to rebuild the model, atomically (``files.atomic_write``)."""
     blob = {"format": _FORMAT, "state_dict": model.state_dict(),
             "meta": {"in_features": model.in_features, "hidden": list(model.hidden), "n_cond": model.n_cond}}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o644)  # mkstemp makes the file private
-        with os.fdopen(fd, "wb") as f:
-            torch.save(blob, f)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    atomic_write(path, lambda f: torch.save(blob, f))
 
 
 def load(path: str | os.PathLike) -> MetricPredictor:

@@ -33,7 +33,8 @@ import yaml
 
 from enas4d import config
 from enas4d.data import image_grid
-from enas4d.evaluate import memory_format, recalibrate_bn
+from enas4d.evaluate import deploy, memory_format
+from enas4d.files import atomic_path, write_text
 from enas4d.multistage import ExitResult, MultiStageNet
 from enas4d.space import MultiStageArch, SubnetArch
 from enas4d.supernet import resize
@@ -157,8 +158,7 @@ def measure_early_exit(msnet: MultiStageNet, arch: MultiStageArch, thresholds: t
     """
     dev = next(msnet.parameters()).device
     fmt = memory_format(dev)
-    net = msnet.export(arch).to(memory_format=fmt)
-    recalibrate_bn(net, resize(calib.to(dev), arch.resolution).contiguous(memory_format=fmt), batch_size, fmt=fmt)
+    net = deploy(msnet, arch, calib, batch_size)
     parts = []
     for i in range(0, len(images), batch_size):
         x = resize(images[i:i + batch_size].to(dev), arch.resolution).contiguous(memory_format=fmt)
@@ -168,14 +168,11 @@ def measure_early_exit(msnet: MultiStageNet, arch: MultiStageArch, thresholds: t
 
 def save_exits(path: str | Path, labels: np.ndarray, runs: dict[str, ExitResult]) -> Path:
     """Per-image early-exit results of each named net (Table 3 and Figure 6 read them), written atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     arrays = {"names": np.array(list(runs)), "labels": np.asarray(labels, dtype=np.int64),
               **{f: np.stack([getattr(r, f).numpy() for r in runs.values()]) for f in ("pred", "exit_stage", "macs")}}
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npz")
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)
-    return path
+    with atomic_path(path) as tmp:
+        np.savez(tmp, **arrays)
+    return Path(path)
 
 
 def load_exits(path: str | Path) -> tuple[np.ndarray, dict[str, ExitResult]]:
@@ -196,15 +193,6 @@ def load_exits(path: str | Path) -> tuple[np.ndarray, dict[str, ExitResult]]:
 
 
 # ---------------------------------------------------------------------------------------------- writers
-def _atomic_text(path: Path, text: str) -> Path:
-    """Write ``text`` to a temp file beside ``path``, then rename (a killed run never leaves half a file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-    return path
-
-
 def _section(title: str, body: str, reading: str, notes: Sequence[str]) -> str:
     parts = [f"### {title}", body.strip(), reading.strip(), *(f"*{n.strip()}*" for n in notes)]
     return "\n\n".join(p for p in parts if p) + "\n"
@@ -225,13 +213,13 @@ def write_table(df: pd.DataFrame, stem: str | Path, *, title: str, reading: str,
     Round the numbers in ``df`` first: both files show them as given, so the markdown and the CSV agree.
     """
     stem = Path(stem)
-    md = _atomic_text(stem.with_suffix(".md"), _section(title, markdown_table(df), reading, notes))
+    md = write_text(stem.with_suffix(".md"), _section(title, markdown_table(df), reading, notes))
     return md, write_csv(df, stem.with_suffix(".csv"))
 
 
 def write_csv(df: pd.DataFrame, path: str | Path) -> Path:
     """``df`` as CSV (no index), written atomically: the numbers behind a table or figure."""
-    return _atomic_text(Path(path), df.to_csv(index=False))
+    return write_text(Path(path), df.to_csv(index=False))
 
 
 def write_figure(fig, png: str | Path, *, title: str, reading: str, notes: Sequence[str] = (),
@@ -240,11 +228,9 @@ def write_figure(fig, png: str | Path, *, title: str, reading: str, notes: Seque
     png = Path(png)
     if png.suffix != ".png":
         raise ValueError(f"{png}: figures are written as .png")
-    png.parent.mkdir(parents=True, exist_ok=True)
-    tmp = png.with_name(f".{png.stem}.{os.getpid()}.tmp.png")
-    fig.savefig(tmp, dpi=dpi, bbox_inches="tight")
-    os.replace(tmp, png)
-    md = _atomic_text(png.with_suffix(".md"), _section(title, f"![{title}]({png.name})", reading, notes))
+    with atomic_path(png) as tmp:
+        fig.savefig(tmp, dpi=dpi, bbox_inches="tight")
+    md = write_text(png.with_suffix(".md"), _section(title, f"![{title}]({png.name})", reading, notes))
     return png, md
 
 
@@ -428,7 +414,7 @@ def readme(out: str | Path, sections: Sequence[str | Path], root: str | Path = "
         if not path.is_file():
             raise FileNotFoundError(f"{path}: section file missing (run its pipeline stage first)")
         parts.append(_rebase_images(path.read_text().strip(), path.parent, out.parent))
-    return _atomic_text(out, "\n\n".join(parts) + "\n")
+    return write_text(out, "\n\n".join(parts) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:

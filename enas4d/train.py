@@ -14,7 +14,7 @@ Resume is exact: every per-batch random choice (shuffle, augmentation, arch samp
 ``(seed, phase, epoch)``, the global RNG states are saved with the weights, optimizer and scheduler
 after every epoch, and a checkpoint is only written after a whole epoch finished with finite losses.
 
-Scaling up: launched by ``torchrun`` (see ``enas4d.distributed`` and ``main``) every rank trains the same
+Scaling up: launched by ``torchrun`` (see ``enas4d.distributed`` and ``enas4d.cli``) every rank trains the same
 sampled arch on its shard of each batch and the ranks average gradients; ``micro_batches`` splits each
 (per-rank) batch into parts whose gradients add up, which is the same arithmetic as that many more ranks
 (BN normalises within a part) in less memory. ``precision`` runs forward passes under ``torch.autocast``
@@ -23,7 +23,6 @@ sampled arch on its shard of each batch and the ranks average gradients; ``micro
 
 from __future__ import annotations
 
-import argparse
 import copy
 import csv
 import dataclasses
@@ -33,8 +32,6 @@ import json
 import math
 import os
 import random
-import sys
-import tempfile
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -47,9 +44,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from enas4d import config, distributed
+from enas4d import distributed
 from enas4d.data import Split, batches
 from enas4d.evaluate import evaluate_multistage, evaluate_subnet, split_images
+from enas4d.files import atomic_write
 from enas4d.multistage import MultiStageNet
 from enas4d.progress import bar
 from enas4d.space import MultiStageArch, SearchSpace, SubnetArch
@@ -111,22 +109,9 @@ def set_rng_state(state: Mapping[str, Any]) -> None:
 # ---------------------------------------------------------------------------------------------- files
 
 
-def _atomic_write(path: Path, write: Callable[[Any], None], mode: str = "wb") -> None:
-    """Write via ``write(file)`` to a temp file beside ``path``, then rename: a kill never leaves half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, mode, **({"newline": ""} if "b" not in mode else {})) as f:
-            write(f)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def save_checkpoint(path: str | os.PathLike, state: Mapping[str, Any]) -> None:
     """``torch.save`` of ``state`` (tensors, dicts, lists, plain values), written atomically."""
-    _atomic_write(Path(path), lambda f: torch.save(dict(state), f))
+    atomic_write(path, lambda f: torch.save(dict(state), f))
 
 
 def load_checkpoint(path: str | os.PathLike, required: Sequence[str] = ()) -> dict[str, Any]:
@@ -175,7 +160,7 @@ def history_to_csv(history: Sequence[Mapping[str, Any]], path: str | os.PathLike
         w.writeheader()
         w.writerows(history)
 
-    _atomic_write(Path(path), write, "w")
+    atomic_write(path, write, "w")
 
 
 def weights_digest(model: nn.Module) -> str:
@@ -626,56 +611,3 @@ def finetune(supernet: OFAMobileNetV3, train_split: Split, calib_split: Split, v
     if result.complete and distributed.context().main:
         save_supernet(out or Path(ckpt_dir) / "multistage.pt", supernet, result.history, space)
     return result
-
-
-# ---------------------------------------------------------------------------------------------- command line
-
-
-def run_stage(cfg: config.Config, stage: str, micro_batches: int = 1) -> TrainResult:
-    """Stage ``pretrain`` or ``finetune`` of the pipeline as its notebook runs it (same paths and arguments,
-    so a run finished here is picked up by ``dvc repro`` from its resume checkpoint)."""
-    from enas4d import pipeline  # pipeline imports this module
-
-    splits = pipeline.splits(cfg)
-    calib, val = pipeline.calib_split(cfg, splits["train"]), pipeline.val_split(cfg, splits["metric"])
-    if stage == "pretrain":
-        settings = config.to_dict(cfg.pretrain)
-        del settings["bn_calib_images"], settings["eval_subnets"]
-        return pretrain(pipeline.new_supernet(cfg), splits["train"], calib, val,
-                        ckpt_dir=pipeline.resume_dir("supernet"), seed=cfg.seed, out=pipeline.SUPERNET,
-                        micro_batches=micro_batches, **settings)
-    if stage == "finetune":
-        return finetune(pipeline.load_supernet(cfg), splits["train"], calib, val,
-                        ckpt_dir=pipeline.resume_dir("finetune"), seed=cfg.seed, out=pipeline.MULTISTAGE,
-                        micro_batches=micro_batches, **config.to_dict(cfg.finetune))
-    raise ValueError(f"unknown stage {stage!r}; stages are pretrain, finetune")
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``[torchrun --nproc_per_node=N] python -m enas4d.train pretrain [finetune] --params params.yaml``."""
-    from enas4d import pipeline  # pipeline imports this module
-
-    parser = argparse.ArgumentParser(prog="python -m enas4d.train", description=main.__doc__)
-    parser.add_argument("stages", nargs="+", choices=("pretrain", "finetune"), help="stages to run, in order")
-    parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
-    parser.add_argument("--micro-batches", type=int, default=1,
-                        help="split each rank's batch into this many parts (less memory, same arithmetic as "
-                             "that many times more ranks)")
-    args = parser.parse_args(argv)
-    try:
-        cfg = config.load(args.params)
-        distributed.init(pipeline.device(cfg))
-        pipeline.set_threads(cfg)
-        for stage in args.stages:
-            run_stage(cfg, stage, args.micro_batches)
-            distributed.barrier()  # the next stage reads what rank 0 just wrote
-    except (ValueError, FloatingPointError) as err:  # ConfigError, DataError, CheckpointError are ValueErrors
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    finally:
-        distributed.shutdown()
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from enas4d import baselines, cost, pipeline
+from enas4d import baselines, cost, database
 from enas4d.encoding import encode_many
 from enas4d.predictor import MetricPredictor, predict
 from enas4d.space import MultiStageArch, SubnetArch
@@ -18,7 +18,7 @@ torch.set_num_threads(1)
 def test_cascade_runs_separate_static_subnets_and_pays_for_every_stage_run():
     msnet, space, images, labels, calib = tiny_multistage()
     arch = space.sample(np.random.default_rng(4))
-    static = [pipeline.evaluate_like_database(msnet, arch.stage(s), images, labels, calib, 8) for s in range(3)]
+    static = [database.evaluate_like_database(msnet, arch.stage(s), images, labels, calib, 8) for s in range(3)]
     rows = baselines.cascade_rows(static)
     for s in range(3):
         np.testing.assert_array_equal(rows.conf[:, s], static[s].conf[:, 0])
@@ -29,7 +29,7 @@ def test_cascade_runs_separate_static_subnets_and_pays_for_every_stage_run():
     assert rows.macs[0] == reuse[0]  # stage 1 is the same static subnet either way
     assert all(c > r for c, r in zip(rows.macs[1:], reuse[1:])), "feature reuse must save MACs"
     # stage 1 of the cascade is the multi-stage net's stage 1 (same subnet, same BN recipe)
-    multi = pipeline.evaluate_like_database(msnet, arch, images, labels, calib, 8)
+    multi = database.evaluate_like_database(msnet, arch, images, labels, calib, 8)
     np.testing.assert_allclose(rows.conf[:, 0].astype(np.float32), multi.conf[:, 0].astype(np.float32), atol=2e-3)
     with pytest.raises(ValueError, match="single-exit evaluations"):
         baselines.cascade_rows([multi])
@@ -82,7 +82,7 @@ def test_random_rows_are_distinct_seeded_database_rows():
 def test_replayed_thresholds_are_real_early_exit():
     msnet, space, images, labels, calib = tiny_multistage()
     arch = space.sample(np.random.default_rng(7))
-    rows = pipeline.evaluate_like_database(msnet, arch, images, labels, calib, 8)
+    rows = database.evaluate_like_database(msnet, arch, images, labels, calib, 8)
     point = baselines.operating_point(rows, rows, target=float(rows.macs[1]) / 1e6, omega=0.5, grid=0.05)
     from enas4d.evaluate import recalibrate_bn
     from enas4d.supernet import resize
@@ -94,8 +94,8 @@ def test_replayed_thresholds_are_real_early_exit():
     np.testing.assert_allclose(point.exit_fractions, np.bincount(real.exit_stage.numpy(), minlength=3) / 24)
 
 
-def rows_of(conf, correct, macs) -> pipeline.ArchRows:
-    return pipeline.ArchRows(np.asarray(conf, dtype=np.float16), np.asarray(correct, dtype=bool),
+def rows_of(conf, correct, macs) -> database.ArchRows:
+    return database.ArchRows(np.asarray(conf, dtype=np.float16), np.asarray(correct, dtype=bool),
                              np.asarray(macs, dtype=np.int64))
 
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from enas4d import cost, database
+from enas4d import cli, cost, database
 from enas4d.evaluate import recalibrate_bn
 from enas4d.supernet import resize
 from tiny_net import SPEC, tiny_multistage
@@ -70,4 +70,4 @@ def test_bad_databases_fail_naming_the_file(tmp_path):
     (out / "manifest.json").unlink()
     with pytest.raises(database.DatabaseError, match=r"manifest\.json: missing"):
         database.load(out)
-    assert database.main(["validate", str(out)]) == 1
+    assert cli.main(["database", "validate", str(out)]) == 1

@@ -5,7 +5,7 @@ loss in one process are covered by test_database, test_config and test_train; a 
 by test_distributed.)
 
 The killed training run is a process forked from the test (a new interpreter would spend seconds importing
-torch); the database workers are real ``python -m enas4d.database`` processes started by the launcher.
+torch); the database workers are real ``python -m enas4d.cli database`` processes started by the launcher.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import torch
 import yaml
 
 from conftest import write_idx
-from enas4d import config, data, database, pipeline, train
+from enas4d import cli, config, data, database, pipeline, train
 
 torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parents[1]
@@ -73,7 +73,7 @@ def wait_for(found: Callable[[], object], alive: Callable[[], bool], what: str, 
 
 def run_cli(root: Path, argv: list[str]) -> None:
     os.chdir(root)
-    os._exit(train.main(argv))
+    os._exit(cli.main(["train", *argv]))
 
 
 def test_pretrain_killed_after_its_first_checkpoint_resumes_to_the_same_weights(
@@ -90,10 +90,10 @@ def test_pretrain_killed_after_its_first_checkpoint_resumes_to_the_same_weights(
     assert train.load_checkpoint(last)["step"] < 3 * 3  # killed before the last of its 3 epochs of 3 steps
 
     monkeypatch.chdir(killed)
-    assert train.main(["pretrain", "--params", "params.yaml"]) == 0  # the same command again resumes
+    assert cli.main(["train", "pretrain", "--params", "params.yaml"]) == 0  # the same command again resumes
     whole = project(tmp_path / "whole", prepared, pretrain=PRETRAIN)
     monkeypatch.chdir(whole)
-    assert train.main(["pretrain", "--params", "params.yaml"]) == 0
+    assert cli.main(["train", "pretrain", "--params", "params.yaml"]) == 0
 
     a, b = (train.load_checkpoint(d / pipeline.SUPERNET) for d in (killed, whole))
     assert a["model"].keys() == b["model"].keys()
@@ -107,17 +107,17 @@ def test_truncated_checkpoints_fail_with_one_line_naming_the_file(
         prepared: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
     root = project(tmp_path / "p", prepared, pretrain={**PRETRAIN, "epochs_kernel": 0, "epochs_expand": 0})
     monkeypatch.chdir(root)
-    assert train.main(["pretrain", "--params", "params.yaml"]) == 0
+    assert cli.main(["train", "pretrain", "--params", "params.yaml"]) == 0
     capsys.readouterr()
     for path, stage in ((pipeline.resume_dir("supernet") / "last.pt", "pretrain"), (pipeline.SUPERNET, "finetune")):
         path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
-        assert train.main([stage, "--params", "params.yaml"]) == 1
+        assert cli.main(["train", stage, "--params", "params.yaml"]) == 1
         err = capsys.readouterr().err
         assert err.startswith(f"error: {path}: corrupt or not a torch checkpoint (") and err.count("\n") == 1, err
 
 
 def worker_pid(worker: int) -> int | None:
-    """The pid of this process's child ``python -m enas4d.database ... --worker <worker>``, if running."""
+    """The pid of this process's child ``python -m enas4d.cli database ... --worker <worker>``, if running."""
     for task in Path("/proc/self/task").iterdir():
         for child in (task / "children").read_text().split():
             try:
@@ -142,7 +142,7 @@ def test_database_worker_killed_then_rebuilt_equals_one_process(
     partial = workers / "databases" / "confidence.partial"
     codes: list[int] = []
     argv = ["build", "--params", "params.yaml", "--workers", "2"]
-    launcher = threading.Thread(target=lambda: codes.append(database.main(argv)))
+    launcher = threading.Thread(target=lambda: codes.append(cli.main(["database", *argv])))
     launcher.start()
     wait_for(lambda: list(partial.glob("*/shard-00001.npz")), launcher.is_alive, "worker 1's first shard")
     os.kill(wait_for(lambda: worker_pid(1), launcher.is_alive, "worker 1's process"), signal.SIGKILL)
@@ -157,11 +157,11 @@ def test_database_worker_killed_then_rebuilt_equals_one_process(
     assert "shard-00007.npz" not in written and not (workers / pipeline.DATABASE).exists()  # worker 1 did not
 
     # the same command again (only worker 1 is left: it runs in-process), leaving the shards for `finish`
-    assert database.main([*argv, "--no-finish"]) == 0 and len(list(work.glob("shard-*.npz"))) == 8
-    assert database.main(["finish", "--params", "params.yaml"]) == 0 and not partial.exists()
-    assert database.main(argv) == 0 and not partial.exists()  # already built: nothing to do
+    assert cli.main(["database", *argv, "--no-finish"]) == 0 and len(list(work.glob("shard-*.npz"))) == 8
+    assert cli.main(["database", "finish", "--params", "params.yaml"]) == 0 and not partial.exists()
+    assert cli.main(["database", *argv]) == 0 and not partial.exists()  # already built: nothing to do
     monkeypatch.chdir(roots[1])
-    assert database.main(["build", "--params", "params.yaml"]) == 0
+    assert cli.main(["database", "build", "--params", "params.yaml"]) == 0
     got, want = (database.load(root / pipeline.DATABASE) for root in roots)
     assert got.archs == want.archs and len(set(got.archs)) == 8  # all archs, each once, in order
     np.testing.assert_array_equal(got.conf, want.conf)

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from enas4d import latency as lat
-from enas4d import pipeline, thresholds
+from enas4d import database, thresholds
+from enas4d.evaluate import deploy
 from enas4d.multistage import MultiStageNet
 from enas4d.space import MultiStageArch, SearchSpace
 from enas4d.supernet import PRESETS, OFAMobileNetV3, resize
@@ -129,8 +130,8 @@ def test_deployed_net_is_the_database_evaluation_and_early_exit_is_batch_indepen
     images, calib = torch.randn(12, 1, 28, 28, generator=g), torch.randn(16, 1, 28, 28, generator=g)
     labels = torch.randint(0, 10, (12,), generator=g)
     a = archs(1)[0]
-    net = lat.deploy(msnet, a, calib, batch_size=8)
-    rows = pipeline.evaluate_like_database(msnet, a, images, labels, calib, 8)
+    net = deploy(msnet, a, calib, batch_size=8)
+    rows = database.evaluate_like_database(msnet, a, images, labels, calib, 8)
     x = resize(images, a.resolution)
     with torch.no_grad():
         conf = torch.stack([torch.softmax(z, 1).max(1).values for z in net(x)], 1)

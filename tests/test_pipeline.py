@@ -53,7 +53,7 @@ def test_smoke_repro_twice(tmp_path: Path) -> None:
                  "reports/plots/pretrain.csv", "reports/plots/finetune.csv",
                  "reports/plots/evolution/multistage-0.5.csv", "reports/plots/evolution/static-1.csv"):
         assert (repo / path).is_file(), path
-    validated = sh([sys.executable, "-m", "enas4d.database", "validate", "databases/confidence"], repo, env)
+    validated = sh([sys.executable, "-m", "enas4d.cli", "database", "validate", "databases/confidence"], repo, env)
     assert json.loads(validated)["archs"] == 6
     searched = json.loads((repo / "searched/archs.json").read_text())
     assert [m["target"] for m in searched["multistage"]] == [s["target"] for s in searched["static"]] == [0.5, 1.0]

@@ -159,12 +159,12 @@ def test_evaluate_like_database_equals_the_database_row(cfg: config.Config, tmp_
                          batch_size=8, seed=0, out=tmp_path / "db", weights_id="w")
     db = database.load(out)
     for i, arch in enumerate(db.archs):
-        rows = pipeline.evaluate_like_database(msnet, arch, images, labels, calib, batch_size=8)
+        rows = database.evaluate_like_database(msnet, arch, images, labels, calib, batch_size=8)
         np.testing.assert_array_equal(rows.conf, db.conf[i])
         np.testing.assert_array_equal(rows.correct, db.correct[i])
         np.testing.assert_array_equal(rows.macs, db.macs[i])
     static = db.archs[0].stage(0)
-    rows = pipeline.evaluate_like_database(msnet, static, images, labels, calib, batch_size=8)
+    rows = database.evaluate_like_database(msnet, static, images, labels, calib, batch_size=8)
     np.testing.assert_array_equal(rows.conf, db.conf[0][:, :1])  # stage 1 of a multi-stage net is the subnet
     assert rows.macs.tolist() == [cost.subnet_macs(msnet.supernet.spec, static)] == [db.macs[0][0]]
-    assert pipeline.as_multistage(static) == MultiStageArch.from_stages([static])
+    assert database.as_multistage(static) == MultiStageArch.from_stages([static])

@@ -14,7 +14,7 @@ import pytest
 import torch
 from conftest import ROOT
 
-from enas4d import config, pipeline, report
+from enas4d import config, database, report
 from enas4d.evaluate import recalibrate_bn
 from enas4d.multistage import MultiStageNet
 from enas4d.space import SearchSpace
@@ -183,7 +183,7 @@ def test_early_exit_is_measured_batch_by_batch_and_saved_per_image(tmp_path):
     arch = space.sample(np.random.default_rng(2))
     g = torch.Generator().manual_seed(0)
     images, labels, calib = torch.randn(20, 1, 28, 28, generator=g), torch.arange(20) % 10, torch.randn(12, 1, 28, 28)
-    rows = pipeline.evaluate_like_database(msnet, arch, images, labels, calib, 6)
+    rows = database.evaluate_like_database(msnet, arch, images, labels, calib, 6)
     t = tuple(float(np.median(rows.conf[:, s].astype(np.float32))) for s in range(2))  # mixed exits
     run = report.measure_early_exit(msnet, arch, t, images, calib, batch_size=6)  # 4 batches, the last of 2
     net = recalibrate_bn(msnet.export(arch), resize(calib, arch.resolution), 6)

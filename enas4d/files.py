@@ -1,0 +1,56 @@
+"""Atomic file writes: every file the pipeline writes goes through a temp file beside it, then a rename.
+
+A killed run (or a reader racing a writer: database workers share a manifest) never sees half a file, and
+DVC never takes a truncated output for a result. Temp names come from ``tempfile.mkstemp`` in the target's
+directory (unique across processes and hosts sharing a file system) and keep the target's suffix, so
+writers that pick a format from the name (``np.savez``, ``savefig``, papermill) write the right one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO, Any
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temp path beside ``path`` to write to; rename it over ``path`` if the block ends without error.
+
+    The temp file is removed whatever happens; the file is world-readable (mkstemp makes it private).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=f".tmp{path.suffix}")
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        tmp.chmod(0o644)
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[IO[Any]], object], mode: str = "wb") -> Path:
+    """Write ``path`` through ``write(file)`` (file opened in ``mode``), flushed to disk before the rename."""
+    with atomic_path(path) as tmp:
+        with open(tmp, mode, **({} if "b" in mode else {"newline": ""})) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+    return Path(path)
+
+
+def write_text(path: str | os.PathLike, text: str) -> Path:
+    """``text`` written atomically."""
+    return atomic_write(path, lambda f: f.write(text), "w")
+
+
+def write_json(path: str | os.PathLike, obj: Any, indent: int = 2) -> Path:
+    """``obj`` as indented JSON (one trailing newline), written atomically."""
+    return write_text(path, json.dumps(obj, indent=indent) + "\n")
