@@ -141,6 +141,7 @@ class EvolutionConfig:
     sample_size: int = _rule(**POSITIVE)
     mutation_prob: float = _rule(**PROB)
     crossover_prob: float = _rule(**PROB)
+    top_k: int = _rule(**POSITIVE)  # predicted-best archs per target the search stage re-evaluates for real
 
 
 @dataclass(frozen=True)
@@ -151,6 +152,9 @@ class LatencyConfig:
     repeats: int = _rule(**POSITIVE)
     warmup: int = _rule(ge=0)
     targets: tuple[float, ...] = _rule(**POSITIVE)
+    top_k: int = _rule(**POSITIVE)  # predicted-best archs per latency target re-evaluated for real
+    check_archs: int = _rule(**POSITIVE)  # random archs whose measured per-stage latency checks the table
+    timed_images: int = _rule(**POSITIVE)  # test images timed one at a time (batch 1)
 
 
 @dataclass(frozen=True)
@@ -160,6 +164,8 @@ class ReportsConfig:
     sweep_targets: tuple[float, ...] = _rule(**INCREASING)
     random_archs: int = _rule(**POSITIVE)
     figure6_per_stage: int = _rule(**POSITIVE)
+    sweep_top_k: int = _rule(**POSITIVE)  # predicted-best archs per sweep target re-evaluated for real (Figure 5)
+    supernet_target_top1: float = _rule(gt=0, le=1)  # test top-1 the largest subnet is checked against
 
 
 @dataclass(frozen=True)

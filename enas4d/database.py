@@ -16,7 +16,7 @@ which DVC deletes before rerunning a stage), so a killed build resumes where it 
 directory is renamed into place at the end. ``worker``/``workers`` split the shards round-robin between
 processes, each writing only its own, so workers share nothing but the directory.
 
-``python -m enas4d.cli database build --workers N`` (``enas4d.pipeline.launch``) runs the pipeline's build
+``python -m enas4d.cli database build --workers N`` (``enas4d.cli.launch``) runs the pipeline's build
 in N worker processes (one GPU each on a GPU machine), then validates and finalizes it; a killed worker
 loses only its current shard, and rerunning the command starts workers just for the shards still missing.
 """

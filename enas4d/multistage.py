@@ -6,8 +6,8 @@ Three layers of ideas, top to bottom of this file:
 1. The paper's three multi-stage convolutions (independent, input reuse, output reuse) as small
    modules that hold one weight per stage. They are the building blocks of an exported network.
 2. A *plan* (which hidden-channel slice and kernel each stage computes in each block: ``enas4d.plan``,
-   shared with the MACs count of ``enas4d.cost``) and the orchestration that runs it: the multi-stage MBConv step, the stage cache for incremental inference,
-   block-major training forward, early exit. It is written once against a small "parts" interface with
+   shared with the MACs count of ``enas4d.cost``) and the orchestration that runs it: the multi-stage
+   MBConv step, the stage cache for incremental inference, block-major training forward, early exit. It is written once against a small "parts" interface with
    two implementations: a view of the supernet (shared, sliced weights; used for fine-tuning) and an
    exported standalone network (own weights, own BN per block and stage, own head per stage).
 3. `MultiStageNet` (the supernet view) and `ExportedMultiStageNet`.

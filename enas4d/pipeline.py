@@ -2,29 +2,27 @@
 
 Paths of the stage artefacts, the search space and splits a config implies, the fixed BN-calibration
 images, loading the fine-tuned multi-stage network, device and threads, wall-clock timing for the
-``seconds`` every stage reports (Table 2), and the stage runners that the notebooks and the command line
-(``enas4d.cli``) share: training (``run_stage``) and the database build (``database_plan``, ``run_worker``,
-``launch``), so a run started by either is resumed by the other.
+``seconds`` every stage reports (Table 2), and ``run_stage``, the training stages as the notebooks and the
+command line (``enas4d.cli``) both run them, so a run started by either is resumed by the other.
 
 This module is glue, the top layer (docs/DESIGN.md, "Layers"): it imports the library, and no library
-module imports it.
+module imports it. Every notebook imports it, so it imports only what every stage runs anyway (the model and
+training code); search and database helpers live in their own modules, which DVC then tracks only for the
+stages that use them.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
-import signal
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from enas4d import config, data, database, train
+from enas4d import config, data, train
 from enas4d.cost import mmacs  # noqa: F401  (the notebooks' MACs unit, one namespace for them)
 from enas4d.evaluate import split_images
 from enas4d.multistage import MultiStageNet
@@ -43,7 +41,6 @@ DATABASE = Path("databases/confidence")
 SEARCHED = Path("searched/archs.json")
 # Per-epoch validation curves use this many metric-set images: enough to see a trend, cheap every epoch.
 VAL_IMAGES = 2000
-TOP_K = 10  # predicted-best archs per target that the search re-evaluates for real
 # The conditional predictor learns R over omega x these factors (and the sweep and search targets), so
 # one model covers omegas near the configured one without retraining.
 COND_OMEGA_FACTORS = (0.5, 0.75, 1.0, 1.5, 2.0)
@@ -187,6 +184,13 @@ def predictor_path(kind: str, target: float) -> Path:
     return PREDICTORS / f"{kind}-{target:g}.pt"
 
 
+def search_settings(cfg: config.Config, **evolution: int) -> dict[str, Any]:
+    """``search.evolve_and_pick``'s omega, grid, seed and evolution settings from ``cfg`` (``evolution``
+    replaces keys of the ``evolution`` section, e.g. ``top_k`` for Table 4 or the Figure 5 sweep)."""
+    return {"omega": cfg.search.omega, "grid": cfg.search.grid, "seed": cfg.seed,
+            "evolution_settings": {**config.to_dict(cfg.evolution), **evolution}}
+
+
 def cond_objectives(cfg: config.Config) -> list[tuple[float, float]]:
     """``(omega, target)`` pairs the conditional predictor is trained on: omegas around ``search.omega``,
     targets of ``reports.sweep_targets`` and ``search.targets``."""
@@ -235,84 +239,3 @@ def run_stage(cfg: config.Config, stage: str, micro_batches: int = 1) -> train.T
                               seed=cfg.seed, out=MULTISTAGE, micro_batches=micro_batches,
                               **config.to_dict(cfg.finetune))
     raise ValueError(f"unknown stage {stage!r}; stages are pretrain, finetune")
-
-
-def database_plan(cfg: config.Config) -> database.BuildPlan:
-    """The pipeline's database build under ``cfg`` (the fine-tuned weights are read on the CPU, only to name
-    them, so a launcher of GPU workers holds no GPU itself; a worker reads the file again for its device)."""
-    d = cfg.database
-    weights = train.weights_digest(train.load_supernet(MULTISTAGE))
-    return database.plan(space(cfg), archs=d.archs, shard_size=d.shard_size, seed=cfg.seed, images=d.images,
-                         weights_id=weights, calib_images=cfg.pretrain.bn_calib_images, batch_size=d.batch_size,
-                         out=DATABASE)
-
-
-def run_worker(cfg: config.Config, worker: int, workers: int) -> Path:
-    """Worker ``worker`` of ``workers`` of the pipeline's build, exactly as the database notebook builds
-    (same images, calibration, weights name and output), without finalizing; returns the work directory."""
-    msnet = load_multistage(cfg)
-    splits_ = splits(cfg)
-    images, labels = database_images(cfg, splits_["metric"])
-    calib = calib_images(cfg, splits_["train"])
-    ignored_dir(DATABASE.with_name(DATABASE.name + ".partial"))
-    settings = config.to_dict(cfg.database)
-    del settings["images"]
-    return database.build(msnet, space(cfg), msnet.supernet.spec, images, labels, calib, seed=cfg.seed,
-                          out=DATABASE, weights_id=train.weights_digest(msnet.supernet), worker=worker,
-                          workers=workers, finalize=False, **settings)
-
-
-def _exit_reason(code: int) -> str:
-    if code < 0:
-        return f"killed by {signal.Signals(-code).name}"
-    return f"exit code {code}"
-
-
-def launch(params: str | Path, workers: int, *, finalize: bool = True) -> Path:
-    """Build the pipeline's database with ``workers`` processes; return ``out`` (finalized) or the work dir.
-
-    Only workers with shards still missing run (none when ``out`` already holds this build). Each is a
-    process ``python -m enas4d.cli database build --worker i`` (on a CUDA machine it sees one GPU: ``i``
-    modulo the visible GPUs; on a CPU the ``threads`` of params are shared out), except that a lone pending
-    worker runs in this process. If a worker fails, the others finish their shards and DatabaseError names
-    it: rerunning the command resumes.
-    """
-    if workers < 1:
-        raise ValueError(f"--workers must be >= 1, got {workers}")
-    cfg = config.load(params)
-    bp = database_plan(cfg)
-    out = Path(DATABASE)
-    if database.is_finished(out, bp):
-        return out  # this very build is already finished
-    pending = [w for w in range(workers) if bp.shards_of(w, workers)]
-    if len(pending) == 1:
-        set_threads(cfg)
-        run_worker(cfg, pending[0], workers)
-    elif pending:
-        gpus = torch.cuda.device_count() if device(cfg).type == "cuda" else 0
-        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-        ids = visible.split(",") if visible else [str(g) for g in range(gpus)]
-        threads = cfg.threads if gpus else max(1, cfg.threads // len(pending))
-        procs: dict[int, subprocess.Popen] = {}
-        try:
-            for w in pending:
-                env = dict(os.environ)
-                if gpus:
-                    env["CUDA_VISIBLE_DEVICES"] = ids[w % len(ids)]
-                if w != pending[0]:
-                    env["ENAS4D_QUIET"] = "1"  # one progress bar, not N interleaved ones
-                procs[w] = subprocess.Popen(
-                    [sys.executable, "-m", "enas4d.cli", "database", "build", "--params", str(params), "--workers",
-                     str(workers), "--worker", str(w), "--threads", str(threads)], env=env)
-            codes = {w: p.wait() for w, p in procs.items()}
-        finally:
-            for p in procs.values():
-                if p.poll() is None:
-                    p.terminate()
-                    p.wait()
-        failed = {w: c for w, c in codes.items() if c != 0}
-        if failed:
-            what = "; ".join(f"worker {w} failed ({_exit_reason(c)})" for w, c in failed.items())
-            raise database.DatabaseError(f"{bp.work}: {what}; finished shards are kept: rerun the same command to "
-                                         "build only the missing ones")
-    return database.finish(bp.work, out) if finalize else bp.work

@@ -14,6 +14,7 @@ Two choices beyond the paper:
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from collections.abc import Sequence
@@ -26,7 +27,18 @@ from torch import nn
 
 from enas4d.files import atomic_write
 
-_FORMAT = "enas4d.predictor/1"
+_FORMAT = "enas4d.predictor/2"  # /2: the file records its objective
+
+
+@dataclass(frozen=True)
+class Objective:
+    """What a predictor file predicts: R of ``kind`` archs (``multistage``, ``static``, or ``conditional``: omega
+    and target are inputs, trained around ``omega``; ``target`` None) for ``omega`` and ``target``. Loading a
+    file for another objective is an error, so a run with a new omega never uses the old omega's predictors."""
+
+    kind: str
+    omega: float
+    target: float | None = None
 
 
 class MetricPredictor(nn.Module):
@@ -208,15 +220,17 @@ def predict(model: MetricPredictor, X: np.ndarray, cond: np.ndarray | Sequence[f
     return out
 
 
-def save(model: MetricPredictor, path: str | os.PathLike) -> None:
-    """Write the weights and the sizes needed to rebuild the model, atomically (``files.atomic_write``)."""
+def save(model: MetricPredictor, path: str | os.PathLike, objective: Objective) -> None:
+    """Write the weights, the sizes needed to rebuild the model and its ``objective``, atomically."""
     blob = {"format": _FORMAT, "state_dict": model.state_dict(),
-            "meta": {"in_features": model.in_features, "hidden": list(model.hidden), "n_cond": model.n_cond}}
+            "meta": {"in_features": model.in_features, "hidden": list(model.hidden), "n_cond": model.n_cond},
+            "objective": dataclasses.asdict(objective)}
     atomic_write(path, lambda f: torch.save(blob, f))
 
 
-def load(path: str | os.PathLike) -> MetricPredictor:
-    """Read a model written by ``save``; anything else raises one ValueError naming the file."""
+def load(path: str | os.PathLike, objective: Objective) -> MetricPredictor:
+    """Read a model written by ``save`` for ``objective``; anything else (another objective included) raises one
+    ValueError naming the file."""
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
@@ -232,4 +246,15 @@ def load(path: str | os.PathLike) -> MetricPredictor:
     except (KeyError, TypeError, RuntimeError) as err:
         reason = str(err).splitlines()[0]
         raise ValueError(f"{path}: predictor checkpoint does not match its sizes ({reason})") from None
+    try:
+        trained = Objective(**blob["objective"])
+    except (KeyError, TypeError):
+        raise ValueError(f"{path}: predictor checkpoint records no objective (kind, omega, target)") from None
+    if trained != objective:
+        raise ValueError(f"{path}: predictor trained for {_show(trained)}, this run asks for {_show(objective)}; "
+                         "rerun the predictor stage (dvc repro predictor)")
     return model.eval()
+
+
+def _show(o: Objective) -> str:
+    return f"kind {o.kind}, omega {o.omega:g}" + ("" if o.target is None else f", target {o.target:g}")

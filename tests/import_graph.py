@@ -6,6 +6,7 @@ from __future__ import annotations
 import ast
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 
 import nbformat
@@ -31,6 +32,7 @@ def module_name(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
+@cache
 def modules() -> dict[str, Path]:
     """Every module of the package by dotted name."""
     return {module_name(p): p for p in sorted(PACKAGE.rglob("*.py"))}
@@ -70,13 +72,14 @@ def imports_of(source: str, code: str, package: str = "enas4d") -> list[Import]:
     return found
 
 
-def package_imports() -> list[Import]:
+@cache
+def package_imports() -> tuple[Import, ...]:
     """Every enas4d import inside the package."""
     out = []
     for name, path in modules().items():
         package = name if path.name == "__init__.py" else name.rpartition(".")[0]
         out += imports_of(name, path.read_text(), package)
-    return out
+    return tuple(out)
 
 
 def notebook_imports(path: Path) -> list[Import]:

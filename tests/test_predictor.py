@@ -79,18 +79,25 @@ def test_save_load_round_trip_and_bad_files(data, tmp_path) -> None:
     model = pr.MetricPredictor(X.shape[1], [32, 16], n_cond=2)
     model.y_mean.fill_(0.9)
     path = tmp_path / "sub" / "predictor.pt"
-    pr.save(model, path)
+    objective = pr.Objective("multistage", 0.09, 1.0)
+    pr.save(model, path, objective)
     assert [p.name for p in path.parent.iterdir()] == ["predictor.pt"]  # no temp file left behind
-    loaded = pr.load(path)
+    loaded = pr.load(path, objective)
     np.testing.assert_array_equal(pr.predict(loaded, X, (0.09, 1.0)), pr.predict(model, X, (0.09, 1.0)))
+    for other_objective in (pr.Objective("multistage", 0.2, 1.0), pr.Objective("static", 0.09, 1.0),
+                            pr.Objective("multistage", 0.09, 1.5)):
+        with pytest.raises(ValueError) as err:
+            pr.load(path, other_objective)
+        assert str(err.value).startswith(f"{path}: predictor trained for kind multistage, omega 0.09, target 1, "
+                                         "this run asks for ") and "\n" not in str(err.value)
     text = tmp_path / "notes.txt"
     text.write_text("not a checkpoint")
     with pytest.raises(ValueError, match="notes.txt"):
-        pr.load(text)
+        pr.load(text, objective)
     other = tmp_path / "other.pt"
     torch.save({"weights": torch.zeros(3)}, other)
     with pytest.raises(ValueError, match="other.pt"):
-        pr.load(other)
+        pr.load(other, objective)
 
 
 def test_bad_training_inputs(data) -> None:
