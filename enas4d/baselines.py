@@ -4,7 +4,8 @@ ENAS4D's claim is that a *searched* multi-stage net that *reuses features* beats
 same average MACs. Each baseline removes one ingredient:
 
 - **best static subnet**: no dynamic inference. The same regularized evolution over single-exit archs
-  (`best_static`), with the static predictor as fitness (`static_fitness`), so only the number of exits differs.
+  (``search.evolve_and_pick(..., static=True)``), with the static predictor as fitness (`static_fitness`), so
+  only the number of exits differs.
 - **random multi-stage**: no search. Uniform valid multi-stage archs (`random_rows` of the confidence
   database), thresholds still grid-searched.
 - **cascade without reuse**: no feature reuse. The stages ``arch.stage(s)`` of a searched arch run as
@@ -20,8 +21,10 @@ running the net again for every target. (Table 1 measures its nets by real early
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import json
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -29,7 +32,7 @@ from enas4d import cost, thresholds
 from enas4d.cost import mmacs
 from enas4d.database import ArchRows
 from enas4d.encoding import encode_many
-from enas4d.evolution import Fitness, search_static
+from enas4d.evolution import Fitness
 from enas4d.predictor import MetricPredictor, predict
 from enas4d.space import MultiStageArch, SearchSpace, SubnetArch
 from enas4d.supernet import SupernetSpec
@@ -56,14 +59,6 @@ def static_fitness(models: Mapping[float, MetricPredictor], space: SearchSpace, 
         return predict(model, encode_many(static_space, archs)) * scale
 
     return fitness
-
-
-def best_static(space: SearchSpace, fitness: Fitness, *, top_k: int, **evolution: object) -> list[SubnetArch]:
-    """The ``top_k`` static subnets (fittest first) found by the ENAS4D evolution restricted to one exit.
-
-    ``fitness`` scores one-stage ``MultiStageArch`` values; ``evolution`` are ``evolve``'s settings.
-    """
-    return [a.stage(0) for a in search_static(space, fitness, top_k=top_k, **evolution).best]
 
 
 # ---------------------------------------------------------------------------------------------- random, cascade
@@ -94,6 +89,15 @@ def cascade_rows(stages: Sequence[ArchRows]) -> ArchRows:
                     np.cumsum([int(r.macs[0]) for r in stages]).astype(np.int64))
 
 
+def cascade_of(arch: MultiStageArch, rows: Callable[[MultiStageArch | SubnetArch], ArchRows]) -> ArchRows:
+    """The cascade without reuse of ``arch``'s stages, from ``rows`` (an arch's evaluation): its first stage is
+    stage 1 of ``arch`` itself (the static subnet ``arch.stage(0)``, which the cascade runs first), each later
+    stage ``arch.stage(s)`` evaluated as a stand-alone subnet."""
+    first = rows(arch)
+    return cascade_rows([ArchRows(first.conf[:, :1], first.correct[:, :1], first.macs[:1])]
+                        + [rows(arch.stage(s)) for s in range(1, arch.num_stages)])
+
+
 # ---------------------------------------------------------------------------------------------- points
 
 
@@ -117,3 +121,21 @@ def operating_point(metric: ArchRows, test: ArchRows, target: float, omega: floa
     best = thresholds.search(metric.conf, metric.correct, cost_mm, target, omega, grid)
     ev = thresholds.evaluate(test.conf, test.correct, cost_mm, best.thresholds)
     return OperatingPoint(best.thresholds, best.r, ev.acc, ev.cost, ev.exit_fractions, ev.exit_accuracies)
+
+
+def point_row(series: str, target: float, label: str, metric: ArchRows, test: ArchRows, omega: float,
+              grid: float) -> dict[str, object]:
+    """One left-panel row of Figure 5's CSV: the ``operating_point`` of a net, rounded as the figure shows it."""
+    p = operating_point(metric, test, target, omega, grid)
+    return {"panel": 0, "series": series, "label": label, "target_mmacs": target,
+            "avg_mmacs": round(p.avg_mmacs, 4), "top1_pct": round(100 * p.top1, 2),
+            "metric_r": round(p.metric_r, 5), "thresholds": " / ".join(f"{x:g}" for x in p.thresholds),
+            "exit_fractions": " / ".join(f"{x:.3f}" for x in p.exit_fractions), "source": "this run"}
+
+
+def table1_rows(metrics: str | Path) -> list[dict[str, object]]:
+    """The Table 1 nets (``metrics``: table1.json, measured by real early exit) as Figure 5 rows."""
+    return [{"panel": 0, "series": "ENAS4D (Table 1)", "label": f"net {net['network']}",
+             "target_mmacs": net["target_mmacs"], "avg_mmacs": round(net["avg_mmacs"], 4),
+             "top1_pct": round(100 * net["top1"], 2), "source": "this run, Table 1 (real early exit)"}
+            for net in json.loads(Path(metrics).read_text())["nets"]]

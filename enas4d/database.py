@@ -61,6 +61,10 @@ class Database:
     def __len__(self) -> int:
         return len(self.archs)
 
+    def row(self, i: int) -> ArchRows:
+        """Arch ``i`` as one ``ArchRows``."""
+        return ArchRows(self.conf[i], self.correct[i], self.macs[i])
+
     def summary(self) -> dict:
         """Small numbers for a notebook table."""
         return {"archs": len(self.archs), "images": int(self.conf.shape[1]), "stages": int(self.conf.shape[2]),

@@ -40,6 +40,7 @@ from enas4d.space import MultiStageArch, SubnetArch
 from enas4d.supernet import resize
 
 EXITS = Path("evaluations/test_early_exit.npz")  # per-image early exits of the searched nets (Table 1's run)
+IMAGENET_SOURCES = Path("reports/figures/figure5_imagenet_sources.csv")  # Figure 5's cited points of other methods
 
 # ---------------------------------------------------------------------------------------------- paper values
 PAPER = "paper (ImageNet, reference)"
@@ -256,6 +257,97 @@ def load_imagenet_sources(path: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]
         raise ValueError(f"{path}: every row needs top1 and source")
     has = df.avg_mmacs.notna()
     return df[has].reset_index(drop=True), df[~has].reset_index(drop=True)
+
+
+def settled_generations(curves: str | Path, predictor_metrics: str | Path) -> dict[str, int]:
+    """Per evolution curve of the search stage (``<kind>-<target>.csv`` in ``curves``: best predicted R per
+    generation), the first generation whose best-so-far predicted R is within the predictor's mean held-out
+    RMSE (of that kind, from ``predictor_metrics``) of the run's final best: evolving longer only moves the
+    prediction by less than its own error."""
+    errors = json.loads(Path(predictor_metrics).read_text())
+    rmse = {kind: float(np.mean([e["rmse"] for e in errors[kind]])) for kind in ("multistage", "static")}
+    runs = {}
+    for curve in sorted(Path(curves).glob("*.csv")):
+        best = np.maximum.accumulate(pd.read_csv(curve).best_predicted_r.to_numpy())
+        runs[curve.stem] = int(np.argmax(best >= best[-1] - rmse[curve.stem.split("-")[0]]))
+    if not runs:
+        raise FileNotFoundError(f"{curves}: no evolution curves; run the search stage first")
+    return runs
+
+
+def imagenet_panel(sources: str | Path) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """Figure 5's right panel: the paper's ENAS4D points (its Table 1, reference values), the sourced methods
+    that give average MACs, and those that do not (listed, not plotted). Returns ``(points, plotted, unplotted)``
+    with ``plotted``/``unplotted`` as ``load_imagenet_sources`` gives them."""
+    plotted, unplotted = load_imagenet_sources(sources)
+    rows = [{"panel": 1, "series": "ENAS4D (paper)", "label": f"ENAS4D-{name}", "target_mmacs": target,
+             "avg_mmacs": avg, "top1_pct": top1, "source": "paper, Table 1 (reference)"}
+            for name, target, top1, avg, _ in PAPER_TABLE1]
+    rows += [{"panel": 1, "series": r.method, "label": r.setting, "avg_mmacs": r.avg_mmacs, "top1_pct": r.top1,
+              "source": r.source} for r in plotted.itertuples()]
+    rows += [{"panel": 1, "series": r.method, "label": r.setting, "top1_pct": r.top1,
+              "source": f"NOT PLOTTED (no average MACs in the source): {r.source}"} for r in unplotted.itertuples()]
+    return pd.DataFrame(rows), plotted, unplotted
+
+
+def best_within(curve: pd.DataFrame, budgets: np.ndarray) -> np.ndarray:
+    """For each MACs budget: the best ``top1_pct`` among ``curve``'s points whose ``avg_mmacs`` is no more
+    (NaN if none)."""
+    return np.array([curve.top1_pct[curve.avg_mmacs <= v].max() if (curve.avg_mmacs <= v).any() else np.nan
+                     for v in budgets])
+
+
+def figure5_summary(ours: pd.DataFrame, sweep: Sequence[float], full_path_ratio: dict[float, float],
+                    plotted: pd.DataFrame, unplotted: pd.DataFrame,
+                    sources: Path = IMAGENET_SOURCES) -> tuple[str, list[str], dict[str, object]]:
+    """Figure 5's reading, its notes and its numbers for the metrics file, from this run's points ``ours``
+    (series ``ENAS4D (sweep)``, ``best static subnet``, ``cascade without reuse``, ``random multi-stage``)."""
+    def series(name: str) -> pd.DataFrame:
+        return ours[ours.series == name].sort_values("avg_mmacs")
+
+    enas, static, cascade, rand = (series(n) for n in ("ENAS4D (sweep)", "best static subnet",
+                                                       "cascade without reuse", "random multi-stage"))
+
+    def compare(other: pd.DataFrame, what: str) -> str:
+        """A sentence: top-1 of each sweep net minus the best point of ``other`` that costs no more."""
+        g = enas.top1_pct.to_numpy() - best_within(other, enas.avg_mmacs.to_numpy())
+        ok = np.isfinite(g)
+        if not ok.any():
+            return f"No {what} costs as little as any searched net."
+        return (f"Against the best {what} that costs no more, the searched nets gain {np.mean(g[ok]):+.2f} top-1 "
+                f"points on average (from {g[ok].min():+.2f} to {g[ok].max():+.2f}; {ok.sum()} of {len(g)} sweep nets "
+                "have one).")
+
+    full_path = list(full_path_ratio.values())
+    dominated = best_within(enas, rand.avg_mmacs.to_numpy()) >= rand.top1_pct.to_numpy()
+    reading = (
+        f"Across the {len(sweep)} sweep targets the searched nets span {span(enas.avg_mmacs, '{:.3f}')} average "
+        f"MMACs at {span(enas.top1_pct)}% test top-1. {compare(static, 'static subnet')} "
+        f"{compare(cascade, 'cascade point (the same stages without feature reuse)')} A sample that runs all stages "
+        f"costs {span(full_path, '{:.2f}')}x the MACs in the cascade, which recomputes the stem and the earlier "
+        f"stages' channels. {dominated.sum()} of the {len(rand)} random-arch points "
+        "are matched or beaten by a searched net that costs no more. "
+        f"The ImageNet panel shows the paper's ENAS4D points with {len(plotted)} sourced point(s) of other methods; "
+        f"{len(unplotted)} sourced row(s) give no average MACs and are listed below but not plotted."
+    )
+    absent = sorted({"RANet", "MSDNet", "HydraNet", "SkipNet", "FBS"} - set(plotted.method) - set(unplotted.method))
+    notes = [f"Right panel: the paper's Table 1 points (reference values) and {sources.name}, whose source column "
+             "cites each number" + (f"; {', '.join(absent)}: no point could be sourced" if absent else "") + "."]
+    not_plotted = "; ".join(f"{r.method} ({r.setting.split(',')[0]}, top-1 {r.top1:g}%)"
+                            for r in unplotted.itertuples())
+    if not_plotted:
+        notes.append(f"Sourced but not plotted (no average MACs): {not_plotted}.")
+    notes.append("All plotted numbers: reports/figures/figure5.csv.")
+    numbers = {
+        "enas4d_minus_best_cheaper_static": np.round(enas.top1_pct.to_numpy()
+                                                     - best_within(static, enas.avg_mmacs.to_numpy()), 4).tolist(),
+        "enas4d_minus_best_cheaper_cascade": np.round(enas.top1_pct.to_numpy()
+                                                      - best_within(cascade, enas.avg_mmacs.to_numpy()), 4).tolist(),
+        "cascade_full_path_macs_ratio": {f"{t:g}": r for t, r in full_path_ratio.items()},
+        "random_matched_or_beaten": int(dominated.sum()),
+        "random_points": len(rand),
+    }
+    return reading, notes, numbers
 
 
 # One style per series name, so the same series looks the same in every figure.

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from enas4d import baselines, cost, database
+from enas4d import baselines, cost, database, evolution
 from enas4d.encoding import encode_many
 from enas4d.predictor import MetricPredictor, predict
 from enas4d.space import MultiStageArch, SubnetArch
@@ -43,13 +43,13 @@ def test_static_search_returns_single_exit_subnets_fittest_first():
         return -np.array([cost.subnet_macs(SPEC, a.stage(0)) for a in archs], dtype=float)
 
     kw = dict(population=8, generations=3, sample_size=3, mutation_prob=0.3, crossover_prob=0.5, seed=1, top_k=4)
-    best = baselines.best_static(space, fitness, **kw)
+    best = [a.stage(0) for a in evolution.search_static(space, fitness, **kw).best]
     assert len(best) == 4 and all(isinstance(a, SubnetArch) for a in best)
     for a in best:
         space.check_subnet(a)
     macs = [cost.subnet_macs(SPEC, a) for a in best]
     assert macs == sorted(macs)
-    assert best == baselines.best_static(space, fitness, **kw)
+    assert best == [a.stage(0) for a in evolution.search_static(space, fitness, **kw).best]
 
 
 def test_static_fitness_moves_a_per_target_predictor_to_any_target():
