@@ -24,6 +24,7 @@ import argparse
 import os
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -88,17 +89,14 @@ def epoch_estimates(cfg: config.Config, space: SearchSpace, steps: int, side: in
     net = OFAMobileNetV3(spec, space)
     out: dict = {"train_images": n_train, "timed_steps": steps}
     with tempfile.TemporaryDirectory() as tmp:
-        res = train.pretrain(net, fake(steps * p.batch_size, 0), calib, None, ckpt_dir=Path(tmp) / "pre", seed=0,
-                             epochs_full=1, epochs_kernel=1, epochs_depth=1, epochs_expand=1,
-                             batch_size=p.batch_size, lr=p.lr, lr_shrink=p.lr_shrink, momentum=p.momentum,
-                             nesterov=p.nesterov, weight_decay=p.weight_decay, label_smoothing=p.label_smoothing,
-                             kd_ratio=p.kd_ratio, subnets_per_step=p.subnets_per_step, sandwich=p.sandwich,
-                             augment=p.augment)
+        one_epoch_each = replace(p, epochs_full=1, epochs_kernel=1, epochs_depth=1, epochs_expand=1,
+                                 precision="fp32")
+        res = train.pretrain(net, fake(steps * p.batch_size, 0), calib, None, one_epoch_each,
+                             ckpt_dir=Path(tmp) / "pre", seed=0)
         for row in res.history:
             out[f"pretrain_{row['phase']}"] = _per_epoch(row, steps, n_train // p.batch_size)
-        res = train.finetune(net, fake(steps * f.batch_size, 3), calib, None, ckpt_dir=Path(tmp) / "ft", seed=0,
-                             stages=f.stages, epochs=1, batch_size=f.batch_size, lr=f.lr, momentum=f.momentum,
-                             nesterov=f.nesterov, weight_decay=f.weight_decay, kd_ratio=f.kd_ratio, augment=f.augment)
+        res = train.finetune(net, fake(steps * f.batch_size, 3), calib, None, replace(f, epochs=1, precision="fp32"),
+                             ckpt_dir=Path(tmp) / "ft", seed=0)
         out["finetune"] = _per_epoch(res.history[0], steps, n_train // f.batch_size)
     calib_images = torch.cat([x for x, _ in data.batches(calib, 1000, shuffle=False, seed=0)])
     for name, arch in (("largest", space.largest()), ("smallest", space.smallest())):

@@ -230,12 +230,10 @@ def run_stage(cfg: config.Config, stage: str, micro_batches: int = 1) -> train.T
     splits_ = splits(cfg)
     calib, val = calib_split(cfg, splits_["train"]), val_split(cfg, splits_["metric"])
     if stage == "pretrain":
-        settings = config.to_dict(cfg.pretrain)
-        del settings["bn_calib_images"], settings["eval_subnets"]
-        return train.pretrain(new_supernet(cfg), splits_["train"], calib, val, ckpt_dir=resume_dir("supernet"),
-                              seed=cfg.seed, out=SUPERNET, micro_batches=micro_batches, **settings)
+        return train.pretrain(new_supernet(cfg), splits_["train"], calib, val, cfg.pretrain,
+                              ckpt_dir=resume_dir("supernet"), seed=cfg.seed, out=SUPERNET, micro_batches=micro_batches)
     if stage == "finetune":
-        return train.finetune(load_supernet(cfg), splits_["train"], calib, val, ckpt_dir=resume_dir("finetune"),
-                              seed=cfg.seed, out=MULTISTAGE, micro_batches=micro_batches,
-                              **config.to_dict(cfg.finetune))
+        return train.finetune(load_supernet(cfg), splits_["train"], calib, val, cfg.finetune,
+                              ckpt_dir=resume_dir("finetune"), seed=cfg.seed, out=MULTISTAGE,
+                              micro_batches=micro_batches)
     raise ValueError(f"unknown stage {stage!r}; stages are pretrain, finetune")

@@ -29,7 +29,6 @@ import dataclasses
 import functools
 import hashlib
 import json
-import math
 import os
 import random
 import time
@@ -44,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from enas4d import distributed
+from enas4d import config, distributed
 from enas4d.data import Split, batches
 from enas4d.evaluate import evaluate_multistage, evaluate_subnet, split_images
 from enas4d.files import atomic_write
@@ -420,21 +419,9 @@ def _run(kind: str, model: OFAMobileNetV3, phases: Sequence[_Phase], task: _Task
     return TrainResult(history, complete=True)
 
 
-def _check_rate(name: str, value: float) -> None:
-    if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-
-
-def _check_args(batch_size: int, lr: float, micro_batches: int, precision: str, **nonneg: float) -> _Execution:
-    """One-line errors for arguments the loop cannot use (config.py checks params files the same way)."""
-    if not (isinstance(batch_size, int) and batch_size >= 1):
-        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
-    _check_rate("lr", lr)
-    for k, v in nonneg.items():
-        if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
-            raise ValueError(f"{k} must be a finite number >= 0, got {v!r}")
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+def _execution(batch_size: int, micro_batches: int, precision: str) -> _Execution:
+    """One-line errors for what config.py cannot check (it validates the settings themselves): the batch
+    must split into the ranks of this run times ``micro_batches`` parts."""
     if not (isinstance(micro_batches, int) and micro_batches >= 1):
         raise ValueError(f"micro_batches must be an integer >= 1, got {micro_batches!r}")
     world = distributed.context().world
@@ -458,19 +445,15 @@ def phase_space(space: SearchSpace, phase: str) -> SearchSpace:
     return space.restrict(**{k: v for k, v in top.items() if k not in opened[phase]})
 
 
-def pretrain(supernet: OFAMobileNetV3, train_split: Split, calib_split: Split, val_split: Split | None, *,
-             ckpt_dir: str | os.PathLike, seed: int, epochs_full: int, epochs_kernel: int, epochs_depth: int,
-             epochs_expand: int, batch_size: int, lr: float, lr_shrink: float | None = None,
-             momentum: float = 0.9, nesterov: bool = True, weight_decay: float = 3e-5,
-             label_smoothing: float = 0.1, kd_ratio: float = 1.0, subnets_per_step: int = 1, sandwich: bool = False,
-             augment: bool = True, precision: str = "fp32", micro_batches: int = 1,
+def pretrain(supernet: OFAMobileNetV3, train_split: Split, calib_split: Split, val_split: Split | None,
+             settings: config.PretrainConfig, *, ckpt_dir: str | os.PathLike, seed: int, micro_batches: int = 1,
              out: str | os.PathLike | None = None, stop_after: int | None = None) -> TrainResult:
     """OFA progressive shrinking of ``supernet`` (in place, on its device); writes ``out`` when complete.
 
     Loss per sampled subnet: label-smoothed CE + ``kd_ratio`` x KD towards the teacher (the largest
     subnet as it was after phase ``full``, frozen, on the same images at the largest resolution). SGD,
     cosine schedule per phase, stepped per batch, from ``lr`` in phase ``full`` and from ``lr_shrink``
-    (default ``lr``) in the shrinking phases: OFA shrinks at a far lower rate than it trains the teacher,
+    in the shrinking phases: OFA shrinks at a far lower rate than it trains the teacher,
     and at the teacher's rate the first shrinking epoch undoes much of what the teacher learned. With
     ``sandwich`` every shrinking step also trains the largest subnet besides the ``subnets_per_step``
     random ones (BigNAS's sandwich rule, its largest half): it keeps the teacher's accuracy, which the
@@ -480,13 +463,13 @@ def pretrain(supernet: OFAMobileNetV3, train_split: Split, calib_split: Split, v
     simulated kill: call again to resume). ``out`` defaults to ``ckpt_dir/supernet.pt``. ``batch_size``
     is the global batch (all ranks together); ``precision`` and ``micro_batches``: see the module docstring.
     """
-    run = _check_args(batch_size, lr, micro_batches, precision, epochs_full=epochs_full, epochs_kernel=epochs_kernel,
-                      epochs_depth=epochs_depth, epochs_expand=epochs_expand, momentum=momentum,
-                      weight_decay=weight_decay, kd_ratio=kd_ratio, label_smoothing=label_smoothing)
-    if subnets_per_step < 1:
-        raise ValueError(f"subnets_per_step must be >= 1, got {subnets_per_step}")
-    if lr_shrink is not None:
-        _check_rate("lr_shrink", lr_shrink)
+    s = settings  # the pretrain section of params.yaml, validated by config.py
+    epochs_full, epochs_kernel = s.epochs_full, s.epochs_kernel
+    epochs_depth, epochs_expand = s.epochs_depth, s.epochs_expand
+    batch_size, lr, lr_shrink, momentum, nesterov = s.batch_size, s.lr, s.lr_shrink, s.momentum, s.nesterov
+    weight_decay, label_smoothing, kd_ratio = s.weight_decay, s.label_smoothing, s.kd_ratio
+    subnets_per_step, sandwich, augment, precision = s.subnets_per_step, s.sandwich, s.augment, s.precision
+    run = _execution(batch_size, micro_batches, precision)
     distributed.broadcast_module(supernet)
     space = supernet.space
     epochs = dict(zip(PHASES, (epochs_full, epochs_kernel, epochs_depth, epochs_expand)))
@@ -548,11 +531,9 @@ def curve_archs(space: SearchSpace, n: int, seed: int) -> list[MultiStageArch]:
     return [space.sample(rng) for _ in range(n)]
 
 
-def finetune(supernet: OFAMobileNetV3, train_split: Split, calib_split: Split, val_split: Split | None, *,
-             ckpt_dir: str | os.PathLike, seed: int, stages: int, epochs: int, batch_size: int, lr: float = 4.5e-3,
-             momentum: float = 0.9, nesterov: bool = True, weight_decay: float = 3e-5, kd_ratio: float = 1.0,
-             label_smoothing: float = 0.1, augment: bool = True, eval_archs: int = 2, precision: str = "fp32",
-             micro_batches: int = 1, out: str | os.PathLike | None = None,
+def finetune(supernet: OFAMobileNetV3, train_split: Split, calib_split: Split, val_split: Split | None,
+             settings: config.FinetuneConfig, *, ckpt_dir: str | os.PathLike, seed: int, micro_batches: int = 1,
+             label_smoothing: float = 0.1, out: str | os.PathLike | None = None,
              stop_after: int | None = None) -> TrainResult:
     """The paper's fine-tuning for dynamic inference, in place; writes ``out`` when complete.
 
@@ -564,10 +545,11 @@ def finetune(supernet: OFAMobileNetV3, train_split: Split, calib_split: Split, v
     into ``val_top1_s{k}``. ``out`` (default ``ckpt_dir/multistage.pt``) is a ``save_supernet`` file
     whose search space has ``stages`` stages. ``batch_size``, ``precision``, ``micro_batches``: as ``pretrain``.
     """
-    run = _check_args(batch_size, lr, micro_batches, precision, epochs=epochs, momentum=momentum,
-                      weight_decay=weight_decay, kd_ratio=kd_ratio, label_smoothing=label_smoothing)
-    if stages < 1:
-        raise ValueError(f"stages must be >= 1, got {stages}")
+    s = settings  # the finetune section of params.yaml, validated by config.py
+    stages, epochs, batch_size, lr, momentum = s.stages, s.epochs, s.batch_size, s.lr, s.momentum
+    nesterov, weight_decay, kd_ratio, augment = s.nesterov, s.weight_decay, s.kd_ratio, s.augment
+    eval_archs, precision = s.eval_archs, s.precision
+    run = _execution(batch_size, micro_batches, precision)
     distributed.broadcast_module(supernet)
     space = supernet.space.restrict(stages=stages)
     msnet = MultiStageNet(supernet)

@@ -11,10 +11,28 @@ import numpy as np
 import pytest
 import torch
 
+from enas4d import config
+
 os.environ["ENAS4D_QUIET"] = "1"
 torch.set_num_threads(1)
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def pretrain_settings(**changes: object) -> config.PretrainConfig:
+    """A ``pretrain:`` section for tests: one teacher epoch of batch 16 and OFA's usual rates, unless changed."""
+    base = dict(batch_size=16, lr=0.05, lr_shrink=0.05, momentum=0.9, nesterov=True, weight_decay=3e-5,
+                label_smoothing=0.1, kd_ratio=1.0, augment=True, epochs_full=1, epochs_kernel=0, epochs_depth=0,
+                epochs_expand=0, subnets_per_step=1, sandwich=False, precision="fp32", bn_calib_images=32,
+                eval_subnets=1)
+    return config.PretrainConfig(**{**base, **changes})
+
+
+def finetune_settings(**changes: object) -> config.FinetuneConfig:
+    """A ``finetune:`` section for tests: one epoch of batch 16 with 2 stages and the paper's rates, unless changed."""
+    base = dict(stages=2, epochs=1, batch_size=16, lr=4.5e-3, momentum=0.9, nesterov=True, weight_decay=3e-5,
+                kd_ratio=1.0, augment=True, precision="fp32", eval_archs=2)
+    return config.FinetuneConfig(**{**base, **changes})
 
 
 def write_idx(path: Path, array: np.ndarray) -> Path:

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import finetune_settings, pretrain_settings
 from enas4d import data, distributed, train
 from enas4d.space import SearchSpace
 from enas4d.supernet import PRESETS, OFAMobileNetV3
@@ -36,11 +37,10 @@ def train_tiny(prepared: Path, out: Path, micro_batches: int) -> None:
     train_split, calib, val = splits(prepared)
     train.seed_everything(0)
     net = OFAMobileNetV3(PRESETS["fmnist_small"], SearchSpace(units=5, resolutions=(16, 20)))
-    common = dict(seed=0, batch_size=16, augment=False, micro_batches=micro_batches)
-    train.pretrain(net, train_split, calib, None, ckpt_dir=out / "pretrain", epochs_full=1, epochs_kernel=1,
-                   epochs_depth=0, epochs_expand=0, lr=0.05, **common)
-    train.finetune(net, train_split, calib, val, ckpt_dir=out / "finetune", stages=2, epochs=1, eval_archs=2,
-                   **common)
+    train.pretrain(net, train_split, calib, None, pretrain_settings(epochs_kernel=1, augment=False),
+                   ckpt_dir=out / "pretrain", seed=0, micro_batches=micro_batches)
+    train.finetune(net, train_split, calib, val, finetune_settings(augment=False), ckpt_dir=out / "finetune",
+                   seed=0, micro_batches=micro_batches)
 
 
 def nan_on_rank_1(prepared: Path, out: Path) -> None:
@@ -52,8 +52,7 @@ def nan_on_rank_1(prepared: Path, out: Path) -> None:
         torch.nn.functional.cross_entropy = lambda *a, **k: cross_entropy(*a, **k) * float("nan")
     net = OFAMobileNetV3(PRESETS["fmnist_small"], SearchSpace(units=5, resolutions=(16,)))
     try:
-        train.finetune(net, train_split, calib, None, ckpt_dir=out / "nan", seed=0, stages=2, epochs=1,
-                       batch_size=16)
+        train.finetune(net, train_split, calib, None, finetune_settings(), ckpt_dir=out / "nan", seed=0)
     except FloatingPointError as err:
         (out / f"nan-rank{rank}.txt").write_text(str(err))
 
@@ -78,8 +77,8 @@ def test_mixed_precision_trains_and_keeps_fp32_weights(fmnist_prepared: Path, tm
     train.seed_everything(0)
     net = OFAMobileNetV3(PRESETS["fmnist_small"], SearchSpace(units=5, resolutions=(16,)))
     before = {k: v.clone() for k, v in net.named_parameters()}
-    run = train.pretrain(net, train_split, calib, None, ckpt_dir=tmp_path, seed=0, epochs_full=1, epochs_kernel=0,
-                         epochs_depth=0, epochs_expand=0, batch_size=8, lr=0.05, precision=precision)
+    run = train.pretrain(net, train_split, calib, None, pretrain_settings(batch_size=8, precision=precision),
+                         ckpt_dir=tmp_path, seed=0)
     assert run.complete and np.isfinite(run.history[0]["loss"])
     assert all(p.dtype == torch.float32 for p in net.parameters())
     assert any(not torch.equal(p, before[k]) for k, p in net.named_parameters())
@@ -94,11 +93,8 @@ def test_micro_batches_must_divide_the_batch(fmnist_prepared: Path, tmp_path: Pa
     train_split, calib, _ = splits(fmnist_prepared)
     net = OFAMobileNetV3(PRESETS["fmnist_small"], SearchSpace(units=5, resolutions=(16,)))
     with pytest.raises(ValueError, match="batch_size 16 does not split into 1 rank.* x 3 micro-batch"):
-        train.finetune(net, train_split, calib, None, ckpt_dir=tmp_path, seed=0, stages=2, epochs=1, batch_size=16,
+        train.finetune(net, train_split, calib, None, finetune_settings(), ckpt_dir=tmp_path, seed=0,
                        micro_batches=3)
-    with pytest.raises(ValueError, match="precision must be one of fp32, bf16, fp16, got 'fp8'"):
-        train.finetune(net, train_split, calib, None, ckpt_dir=tmp_path, seed=0, stages=2, epochs=1, batch_size=16,
-                       precision="fp8")
 
 
 def one_rank(rank: int, port: int, prepared: Path, out: Path) -> None:

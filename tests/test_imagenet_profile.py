@@ -89,12 +89,10 @@ def test_one_step_of_every_stage_at_resolution_128(imagefolder: Path, tmp_path: 
     assert train.weights_digest(net) == train.weights_digest(ofa)
 
     # pretraining and fine-tuning: one step each (batch 2), as the notebooks call them
-    settings = config.to_dict(cfg.pretrain)
-    del settings["bn_calib_images"], settings["eval_subnets"]
-    run = train.pretrain(net, splits["train"], calib, None, ckpt_dir=tmp_path / "pre", seed=cfg.seed, **settings)
+    run = train.pretrain(net, splits["train"], calib, None, cfg.pretrain, ckpt_dir=tmp_path / "pre", seed=cfg.seed)
     assert run.complete and run.history[-1]["step"] == 1 and np.isfinite(run.history[-1]["loss"])
-    run = train.finetune(net, splits["train"], calib, data.subset(splits["metric"], 2, 0), ckpt_dir=tmp_path / "ft",
-                         seed=cfg.seed, **config.to_dict(cfg.finetune))
+    run = train.finetune(net, splits["train"], calib, data.subset(splits["metric"], 2, 0), cfg.finetune,
+                         ckpt_dir=tmp_path / "ft", seed=cfg.seed)
     assert run.complete and {"val_top1_s1", "val_top1_s3"} <= run.history[-1].keys()
 
     # database: 4 archs x 4 metric-set images, 3 exits each

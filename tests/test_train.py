@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import random
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,7 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import finetune_settings, pretrain_settings
 from enas4d import data, train
 from enas4d.evaluate import evaluate_multistages, evaluate_subnets, recalibrate_bn, split_images
 from enas4d.multistage import MultiStageNet
@@ -19,8 +21,8 @@ from enas4d.supernet import PRESETS, OFAMobileNetV3, resize
 
 torch.set_num_threads(1)
 SPACE = SearchSpace(units=5, resolutions=(16,))
-PRETRAIN = dict(seed=0, epochs_full=1, epochs_kernel=2, epochs_depth=0, epochs_expand=1, batch_size=16, lr=0.05,
-                lr_shrink=0.02)
+PRETRAIN = pretrain_settings(epochs_full=1, epochs_kernel=2, epochs_depth=0, epochs_expand=1, batch_size=16, lr=0.05,
+                             lr_shrink=0.02)
 
 
 @pytest.fixture(scope="module")
@@ -95,23 +97,24 @@ def test_phase_spaces_open_one_dimension_at_a_time() -> None:
 
 def test_pretrain_killed_and_resumed_ends_with_identical_weights(tmp_path: Path, splits: dict) -> None:
     whole = fresh_net()
-    full = train.pretrain(whole, splits["train"], splits["calib"], splits["val"], ckpt_dir=tmp_path / "a", **PRETRAIN)
+    full = train.pretrain(whole, splits["train"], splits["calib"], splits["val"], PRETRAIN, ckpt_dir=tmp_path / "a",
+                          seed=0)
     assert full.complete and [r["phase"] for r in full.history] == ["full", "kernel", "kernel", "expand"]
 
     # killed in the middle of phase "kernel" (optimizer/scheduler state in flight), then restarted
-    part = train.pretrain(fresh_net(), splits["train"], splits["calib"], splits["val"], ckpt_dir=tmp_path / "b",
-                          stop_after=2, **PRETRAIN)
+    part = train.pretrain(fresh_net(), splits["train"], splits["calib"], splits["val"], PRETRAIN,
+                          ckpt_dir=tmp_path / "b", seed=0, stop_after=2)
     assert not part.complete and not (tmp_path / "b" / "supernet.pt").exists()
     torch.manual_seed(1234)  # a restarted process has other global RNG states: the checkpoint restores them
     resumed_net = fresh_net()
-    resumed = train.pretrain(resumed_net, splits["train"], splits["calib"], splits["val"], ckpt_dir=tmp_path / "b",
-                             **PRETRAIN)
+    resumed = train.pretrain(resumed_net, splits["train"], splits["calib"], splits["val"], PRETRAIN,
+                             ckpt_dir=tmp_path / "b", seed=0)
     assert resumed.complete and same_state(whole, resumed_net)
     assert without_times(resumed.history) == without_times(full.history)
     row = full.history[-1]
     assert 0 <= row["val_top1_smallest"] <= 1 and np.isfinite(row["kd"]) and row["step"] == 4 * 4
     # the teacher at lr, the shrinking phases from lr_shrink (half-way down its cosine after kernel epoch 1)
-    assert full.history[1]["lr"] == pytest.approx(PRETRAIN["lr_shrink"] / 2)
+    assert full.history[1]["lr"] == pytest.approx(PRETRAIN.lr_shrink / 2)
     loaded = train.load_supernet(tmp_path / "b" / "supernet.pt")
     assert same_state(loaded, whole) and loaded.space == SPACE
 
@@ -128,20 +131,20 @@ def test_sandwich_trains_the_largest_subnet_in_every_shrinking_step(tmp_path: Pa
         return forward(self, x, arch)
 
     monkeypatch.setattr(OFAMobileNetV3, "forward", spy)
-    args = dict(PRETRAIN, epochs_full=1, epochs_kernel=1, epochs_expand=0)
-    train.pretrain(net, splits["train"], splits["calib"], None, ckpt_dir=tmp_path, sandwich=True, **args)
-    steps = len(splits["train"]) // args["batch_size"]
+    args = replace(PRETRAIN, epochs_full=1, epochs_kernel=1, epochs_expand=0, sandwich=True)
+    train.pretrain(net, splits["train"], splits["calib"], None, args, ckpt_dir=tmp_path, seed=0)
+    steps = len(splits["train"]) // args.batch_size
     largest = train.phase_space(SPACE, "kernel").largest()
     assert len(seen) == steps + 2 * steps  # phase full: one arch per step; kernel: the largest + one random
     assert seen[steps::2] == [largest] * steps and any(a != largest for a in seen[steps + 1::2])
 
 
 def test_pretrain_starts_over_when_settings_change(tmp_path: Path, splits: dict) -> None:
-    args = dict(PRETRAIN, epochs_kernel=0, epochs_expand=0, epochs_full=2)
-    train.pretrain(fresh_net(), splits["train"], splits["calib"], None, ckpt_dir=tmp_path, stop_after=1, **args)
+    args = replace(PRETRAIN, epochs_kernel=0, epochs_expand=0, epochs_full=2)
+    train.pretrain(fresh_net(), splits["train"], splits["calib"], None, args, ckpt_dir=tmp_path, seed=0, stop_after=1)
     with pytest.warns(UserWarning, match="last.pt: written with other settings \\(lr: 0.05 -> 0.1\\)"):
-        run = train.pretrain(fresh_net(), splits["train"], splits["calib"], None, ckpt_dir=tmp_path, stop_after=1,
-                             **{**args, "lr": 0.1})
+        run = train.pretrain(fresh_net(), splits["train"], splits["calib"], None, replace(args, lr=0.1),
+                             ckpt_dir=tmp_path, seed=0, stop_after=1)
     assert len(run.history) == 1 and run.history[0]["lr"] == pytest.approx(0.1 / 2)  # half-way down the new cosine
 
 
@@ -155,18 +158,11 @@ def test_teacher_runs_once_per_batch_part_with_the_sandwich(tmp_path: Path, spli
         return teacher
 
     monkeypatch.setattr(train, "_frozen_copy", counted)
-    args = dict(PRETRAIN, epochs_full=1, epochs_kernel=1, epochs_expand=0, sandwich=True)
-    train.pretrain(fresh_net(), splits["train"], splits["calib"], None, ckpt_dir=tmp_path, micro_batches=2, **args)
-    steps = len(splits["train"]) // args["batch_size"]
-    assert calls == [(args["batch_size"] // 2, 1, 16, 16)] * (2 * steps)  # 2 archs a step, 2 parts: 2 teacher runs
-
-
-@pytest.mark.parametrize("key, value", [("lr", 0.0), ("lr_shrink", float("nan")), ("lr_shrink", -0.1)])
-def test_bad_learning_rates_are_named(tmp_path: Path, splits: dict, key: str, value: float) -> None:
-    with pytest.raises(ValueError, match=f"^{key} must be a finite number > 0, got {value}$"):
-        train.pretrain(fresh_net(), splits["train"], splits["calib"], None, ckpt_dir=tmp_path,
-                       **{**PRETRAIN, key: value})
-    assert not any(tmp_path.iterdir())
+    args = replace(PRETRAIN, epochs_full=1, epochs_kernel=1, epochs_expand=0, sandwich=True)
+    train.pretrain(fresh_net(), splits["train"], splits["calib"], None, args, ckpt_dir=tmp_path, seed=0,
+                   micro_batches=2)
+    steps = len(splits["train"]) // args.batch_size
+    assert calls == [(args.batch_size // 2, 1, 16, 16)] * (2 * steps)  # 2 archs a step, 2 parts: 2 teacher runs
 
 
 def test_nonfinite_loss_stops_and_writes_no_checkpoint(tmp_path: Path, splits: dict) -> None:
@@ -174,25 +170,25 @@ def test_nonfinite_loss_stops_and_writes_no_checkpoint(tmp_path: Path, splits: d
     with torch.no_grad():
         net.head_layers.classifier.bias.fill_(float("nan"))
     with pytest.raises(FloatingPointError, match=r"pretrain full 1/1, step 1/4: loss is nan; .*no checkpoint"):
-        train.pretrain(net, splits["train"], splits["calib"], None, ckpt_dir=tmp_path, **PRETRAIN)
+        train.pretrain(net, splits["train"], splits["calib"], None, PRETRAIN, ckpt_dir=tmp_path, seed=0)
     assert not any(tmp_path.iterdir())
 
 
 def test_finetune_resumes_exactly_and_tracks_every_stage(tmp_path: Path, splits: dict) -> None:
-    args = dict(seed=0, stages=2, epochs=2, batch_size=16, eval_archs=1)
+    args = finetune_settings(stages=2, epochs=2, batch_size=16, eval_archs=1)
     whole = fresh_net()
-    full = train.finetune(whole, splits["train"], splits["calib"], splits["val"], ckpt_dir=tmp_path / "a", **args)
-    train.finetune(fresh_net(), splits["train"], splits["calib"], splits["val"], ckpt_dir=tmp_path / "b",
-                   stop_after=1, **args)
+    full = train.finetune(whole, splits["train"], splits["calib"], splits["val"], args, ckpt_dir=tmp_path / "a", seed=0)
+    train.finetune(fresh_net(), splits["train"], splits["calib"], splits["val"], args, ckpt_dir=tmp_path / "b",
+                   seed=0, stop_after=1)
     resumed_net = fresh_net()
-    resumed = train.finetune(resumed_net, splits["train"], splits["calib"], splits["val"], ckpt_dir=tmp_path / "b",
-                             **args)
+    resumed = train.finetune(resumed_net, splits["train"], splits["calib"], splits["val"], args,
+                             ckpt_dir=tmp_path / "b", seed=0)
     assert same_state(whole, resumed_net) and not same_state(whole, fresh_net())
     assert without_times(resumed.history) == without_times(full.history)
     assert {"val_top1_s1", "val_top1_s2", "train_top1_s2"} <= full.history[-1].keys()
     assert train.load_supernet(tmp_path / "b" / "multistage.pt").space.stages == 2
     with pytest.raises(train.CheckpointError, match="holds a 'finetune' run"):
-        train.pretrain(fresh_net(), splits["train"], splits["calib"], None, ckpt_dir=tmp_path / "b", **PRETRAIN)
+        train.pretrain(fresh_net(), splits["train"], splits["calib"], None, PRETRAIN, ckpt_dir=tmp_path / "b", seed=0)
 
 
 def test_recalibrate_bn_computes_plain_averages_and_restores_settings() -> None:
