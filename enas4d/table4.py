@@ -1,0 +1,301 @@
+"""Table 4 (paper: "Deploy on real-world devices"): the steps of notebook 09 that are not the search itself.
+
+The op latency table is checked against measured per-stage latency (a figure); per-target predictors learn R
+with the table's stage latencies as the cost; the searched nets are deployed and run by real early exit on the
+test set; the best static subnet of the MACs search is compared with a re-thresholded dynamic net at equal
+metric-set accuracy; every deployed net is timed image by image at batch 1; Table 4 and the metrics files are
+written. The numbers come from ``enas4d.latency`` (tables, timing), ``enas4d.search`` (the search) and the
+evaluation recipe of the database; this module only assembles them.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+from torch import Tensor, nn
+
+from enas4d import config, cost, data, latency as lat, predictor, report, thresholds
+from enas4d.database import ArchRows, Database
+from enas4d.encoding import encode_many
+from enas4d.evaluate import deploy, evaluate_subnet, split_images
+from enas4d.multistage import MultiStageNet
+from enas4d.space import MultiStageArch, SearchSpace, SubnetArch
+from enas4d.supernet import SupernetSpec, resize
+
+LUT_PATH = Path("databases/latency_lut.json")  # this machine's op latency table (a stage output)
+# The paper's Table 4 (ImageNet): device, latency target (ms), top-1 (%), measured latency (ms).
+PAPER_TABLE4 = (("desktop CPU (i7-6700K)", 10, 74.2, 9.8), ("desktop CPU (i7-6700K)", 8, 72.9, 8.0),
+                ("desktop CPU (i7-6700K)", 6, 72.2, 6.4), ("GPU server (GTX 1080 Ti)", 30, 74.2, 30.2),
+                ("GPU server (GTX 1080 Ti)", 25, 73.3, 25.4), ("GPU server (GTX 1080 Ti)", 20, 72.8, 20.6))
+# Static vs dynamic at equal accuracy: what the paper's claim needs (MACs ratio, latency speed-up, top-1 slack).
+MACS_RATIO_GOAL, SPEEDUP_GOAL, TOP1_SLACK = 0.55, 1.5, 0.005
+
+
+def lut_summary(lut: lat.LatencyTable, check_archs: int, threads: int) -> str:
+    """One line: what the table build timed, on which machine and clock, under which load."""
+    return (f"{len(lut)} ops and {check_archs} check archs timed in {lut.meta['seconds']:.1f} s; clock: {lut.clock}; "
+            f"{lut.meta['machine']['cpu']}, {threads} thread(s), load {lut.meta['load_avg_1min_before']} -> "
+            f"{lut.meta['machine']['load_avg_1min']}")
+
+
+def write_check_figure(checked: pd.DataFrame, errors: pd.DataFrame, lut: lat.LatencyTable, *, check_archs: int,
+                       threads: int, repeats: int, png: str = "reports/figures/latency_lut.png") -> None:
+    """The table's predicted against measured per-stage latency of the check archs, per mode, with its caption."""
+    fig, axes = plt.subplots(1, 2, figsize=(9, 4), sharex=True, sharey=True)
+    for ax, mode in zip(axes, lat.MODES):
+        part = checked[checked["mode"] == mode]
+        for s, rows in part.groupby("stage"):
+            ax.scatter(rows.measured_ms, rows.predicted_ms, s=14, label=f"exit after stage {s}")
+        lo, hi = part[["measured_ms", "predicted_ms"]].min().min(), part[["measured_ms", "predicted_ms"]].max().max()
+        ax.plot([lo, hi], [lo, hi], color="0.5", lw=1)
+        ax.fill_between([lo, hi], [0.9 * lo, 0.9 * hi], [1.1 * lo, 1.1 * hi], color="0.9", zorder=0, label="±10%")
+        ax.set(title=mode, xlabel=f"measured latency (ms, {lut.clock})")
+    axes[0].set_ylabel("look-up table prediction (ms)")
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    ee = errors[errors["mode"] == "early_exit"]
+    report.write_figure(
+        fig, png, title="Latency look-up table: predicted vs measured per-stage latency",
+        reading=f"Each point is one of {check_archs} random multi-stage archs leaving after stage 1, 2 or 3 at "
+                f"batch 1 on this CPU ({threads} thread(s)). Under early exit the table's sum of parts is off by "
+                f"{ee.mean_abs_error_pct.mean():.1f}% on average (at most {ee.max_abs_error_pct.max():.1f}%).",
+        notes=[f"{len(lut)} op configurations, each the median of {repeats} calls in interleaved rounds, "
+               f"clock: {lut.clock}."])
+
+
+def latency_predictors(space: SearchSpace, db: Database, stage_ms: np.ndarray, targets: Sequence[float],
+                       omega: float, grid: float, seed: int, settings: config.PredictorConfig,
+                       ) -> tuple[dict[float, predictor.MetricPredictor], pd.DataFrame]:
+    """Per latency target, the paper's predictor trained on the database's R with the table's stage latencies as
+    the cost; returns the models and a summary of their errors."""
+    X = encode_many(space, db.archs)
+    y = thresholds.r_for_targets(db.conf, db.correct, stage_ms, [(omega, t) for t in targets], grid)
+    trained = {t: predictor.train_predictor(X, y[:, i], seed=seed, **config.to_dict(settings))
+               for i, t in enumerate(targets)}
+    summary = pd.DataFrame({"held-out RMSE": [r.held_out.rmse for _, r in trained.values()],
+                            "held-out Kendall τ": [r.held_out.kendall_tau for _, r in trained.values()],
+                            "R mean": y.mean(0), "R max": y.max(0)}, index=pd.Index(targets, name="target (ms)"))
+    return {t: m for t, (m, _) in trained.items()}, summary
+
+
+def searched_frame(searched: list[dict]) -> pd.DataFrame:
+    """The searched nets on the metric set: predicted and measured R, top-1, LUT latency, thresholds."""
+    return pd.DataFrame([{"target (ms)": s["target"], "predicted R": s["predicted_r"], "metric-set R": s["best"].r,
+                          "metric-set top-1 (%)": 100 * s["best"].acc, "LUT avg latency (ms)": s["best"].cost,
+                          "thresholds": s["best"].thresholds, "stage latency (ms)": s["stage_ms"].round(3)}
+                         for s in searched]).set_index("target (ms)")
+
+
+def test_batches(test: data.Split, batch_size: int) -> Iterable[tuple[Tensor, Tensor]]:
+    """The test split in order, at native resolution (streamed: an ImageNet test set does not fit in memory)."""
+    return data.batches(test, batch_size, shuffle=False, seed=0)
+
+
+def run_on_test(searched: list[dict], msnet: MultiStageNet, calib: Tensor, test: data.Split,
+                batch_size: int) -> pd.DataFrame:
+    """Deploy each searched net (``net``) and run it by real early exit on the test set (``test``)."""
+    for s in searched:
+        s["net"] = deploy(msnet, s["arch"], calib, batch_size)
+        s["test"] = lat.early_exit_outcome(s["net"], test_batches(test, batch_size), s["best"].thresholds)
+    stages = searched[0]["arch"].num_stages
+    return pd.DataFrame([{"target (ms)": s["target"], "test top-1 (%)": 100 * s["test"].top1,
+                          "avg MMACs": s["test"].avg_macs / 1e6,
+                          **{f"exit at {k + 1} (%)": 100 * np.mean(s["test"].exit_stage == k) for k in range(stages)}}
+                         for s in searched]).set_index("target (ms)")
+
+
+def static_vs_dynamic(searched_path: str | Path, msnet: MultiStageNet, spec: SupernetSpec,
+                      evaluate: Callable[[MultiStageArch], ArchRows], calib: Tensor, test: data.Split,
+                      batch_size: int, grid: float) -> dict[str, Any]:
+    """The MACs search's best static subnet (the most accurate on the metric set, never chosen on the test set)
+    against its searched dynamic nets re-thresholded: the cheapest grid thresholds (average MACs on the metric
+    set) whose metric-set top-1 reaches the static subnet's; if none does, the most accurate thresholds at their
+    least cost. Both deployed; the chosen dynamic net run by real early exit on the test set. ``searched_path``:
+    the search stage's ``searched/archs.json``."""
+    searched_file = json.loads(Path(searched_path).read_text())
+    statics: dict[SubnetArch, dict] = {}
+    for entry in searched_file["static"]:
+        a = SubnetArch.from_dict(entry["arch"])
+        if a not in statics:
+            statics[a] = {"target_mmacs": entry["target"], "metric_top1": entry["metric_set"]["acc"],
+                          "test_top1": evaluate_subnet(msnet.supernet, a, test, calib, batch_size=batch_size),
+                          "macs": cost.subnet_macs(spec, a)}
+    static_arch = max(statics, key=lambda a: statics[a]["metric_top1"])  # on the metric set, never the test set
+    st = statics[static_arch]
+    dynamics = []
+    for entry in searched_file["multistage"]:
+        a = MultiStageArch.from_dict(entry["arch"])
+        out = evaluate(a)
+        macs = np.asarray(cost.stage_macs(spec, a), dtype=np.float64)
+        point = lat.cheapest_thresholds(out.conf, out.correct, macs, st["metric_top1"], grid)
+        reached = point is not None
+        if not reached:  # the most accurate thresholds, at their least cost
+            top = thresholds.search(out.conf, out.correct, macs, float(macs[-1]), 0.0, grid)
+            point = lat.cheapest_thresholds(out.conf, out.correct, macs, top.acc, grid)
+        dynamics.append({"target_mmacs": entry["target"], "arch": a, "reached": reached, "point": point})
+    reaching = [d for d in dynamics if d["reached"]]
+    dyn = (min(reaching, key=lambda d: d["point"].cost) if reaching
+           else max(dynamics, key=lambda d: (d["point"].acc, -d["point"].cost)))
+    static_net = deploy(msnet, static_arch, calib, batch_size)
+    dyn_net = deploy(msnet, dyn["arch"], calib, batch_size)
+    dyn["test"] = lat.early_exit_outcome(dyn_net, test_batches(test, batch_size), dyn["point"].thresholds)
+    return {"static_arch": static_arch, "static": st, "dynamics": dynamics, "dynamic": dyn, "static_net": static_net,
+            "dynamic_net": dyn_net}
+
+
+def static_vs_dynamic_frame(sd: Mapping[str, Any]) -> pd.DataFrame:
+    """The re-thresholded dynamic nets and the static subnet on the metric set, one row each."""
+    st = sd["static"]
+    return pd.DataFrame([{"MACs target of the search": d["target_mmacs"], "reaches static metric top-1": d["reached"],
+                          "thresholds": d["point"].thresholds, "metric top-1 (%)": 100 * d["point"].acc,
+                          "metric avg MMACs": d["point"].cost / 1e6} for d in sd["dynamics"]]
+                        + [{"MACs target of the search": f"static {st['target_mmacs']}",
+                            "metric top-1 (%)": 100 * st["metric_top1"], "metric avg MMACs": st["macs"] / 1e6}])
+
+
+def _on_cpu(net: nn.Module) -> nn.Module:
+    """The network as deployed on the CPU (a copy: the evaluation device may be a GPU)."""
+    return copy.deepcopy(net).cpu().eval()
+
+
+def time_deployed(searched: list[dict], sd: Mapping[str, Any], images: Tensor, lut: lat.LatencyTable, *,
+                  threads: int, warmup: int) -> dict[str, tuple[dict[str, np.ndarray], list]]:
+    """Every deployed net (the Table 4 nets, the static subnet, the dynamic net) on ``images`` one at a time on
+    the CPU, taking turns image by image (``lat.time_images``). Fills each searched net's ``measured_ms``,
+    ``measured_other_ms`` (the other clock) and ``lut_timed_ms`` (the table on the timed images' own exits)."""
+    calls: dict[str, tuple[Callable[[Tensor], object], Tensor]] = {}
+    for i, s in enumerate(searched):
+        net = _on_cpu(s["net"])
+        calls[f"table4-{i}"] = (lambda x, net=net, t=s["best"].thresholds: net.early_exit(x, t),
+                                resize(images, s["arch"].resolution))
+    static_cpu, dyn_cpu, dyn = _on_cpu(sd["static_net"]), _on_cpu(sd["dynamic_net"]), sd["dynamic"]
+    calls["static"] = (static_cpu, resize(images, sd["static_arch"].resolution))
+    calls["dynamic"] = (lambda x: dyn_cpu.early_exit(x, dyn["point"].thresholds),
+                        resize(images, dyn["arch"].resolution))
+    timed = lat.time_images(calls, threads=threads, warmup=warmup)
+    other = other_clock(lut)
+    for i, s in enumerate(searched):
+        ms, results = timed[f"table4-{i}"]
+        exits = np.array([int(r.exit_stage) for r in results])
+        s["measured_ms"], s["measured_other_ms"] = float(ms[lut.clock].mean()), float(ms[other].mean())
+        s["lut_timed_ms"] = float(s["stage_ms"][exits].mean())
+    return timed
+
+
+def other_clock(lut: lat.LatencyTable) -> str:
+    """The clock the table was not built with (shown beside it)."""
+    return lat.CLOCKS[1 - lat.CLOCKS.index(lut.clock)]
+
+
+def timed_images(test: data.Split, n: int, seed: int) -> Tensor:
+    """A seeded subset of ``n`` test images (all when fewer), normalized, at native size."""
+    return split_images(data.subset(test, min(n, len(test)), seed))
+
+
+def write_table4(searched: list[dict], lut: lat.LatencyTable, errors: pd.DataFrame, *, targets: Sequence[float],
+                 timed: int, threads: int, check_archs: int, lut_path: str | Path = LUT_PATH) -> pd.DataFrame:
+    """Table 4: this run's nets (LUT on the metric set and on the timed images, measured on both clocks, test
+    top-1 and MACs) and the paper's rows; written with its reading and notes."""
+    other = other_clock(lut)
+    rows = [{"source": "this run", "device": f"CPU ({threads} thread{'s' * (threads > 1)})",
+             "target (ms)": s["target"], "LUT, metric set (ms)": s["best"].cost,
+             "LUT, timed images (ms)": s["lut_timed_ms"],
+             f"measured (ms, {lut.clock})": s["measured_ms"], f"measured (ms, {other})": s["measured_other_ms"],
+             "top-1 (%)": 100 * s["test"].top1, "avg MMACs": s["test"].avg_macs / 1e6} for s in searched]
+    rows += [{"source": report.PAPER, "device": d, "target (ms)": t, f"measured (ms, {lut.clock})": m,
+              "top-1 (%)": a} for d, t, a, m in PAPER_TABLE4]
+    table4 = pd.DataFrame(rows).round(3)
+    ours = table4[table4.source == "this run"]
+    table4 = table4.astype(object).where(table4.notna(), None)  # blank cells (not "nan") where the paper gives none
+    err = 100 * (ours["LUT, timed images (ms)"] / ours[f"measured (ms, {lut.clock})"] - 1)
+    reading = (
+        f"Searching with latency targets on this machine's CPU, the nets found for "
+        f"{', '.join(f'{t:g}' for t in targets)} ms "
+        f"take {', '.join(f'{m:.2f}' for m in ours[f'measured (ms, {lut.clock})'])} ms per image on average "
+        f"(measured over {timed} test images at batch 1) at {', '.join(f'{a:.1f}' for a in ours['top-1 (%)'])}% "
+        f"test top-1. The look-up table predicts those measured means within {err.abs().max():.1f}% (LUT on the "
+        f"timed images' own exits); the LUT average on the metric set is what the search optimised. On the paper's "
+        f"ImageNet setting the searched nets land within 0.6 ms of their targets.")
+    clock_text = ("the measuring thread's CPU time: with one torch thread this is the latency on an idle core, and "
+                  "on a shared machine it leaves out the time spent waiting for a core" if lut.clock == "thread_cpu"
+                  else "wall time")
+    ee = errors[errors["mode"] == "early_exit"]
+    notes = [f"Latency clock: {lut.clock} ({clock_text}); the other clock is shown beside it. "
+             f"{lut.meta['machine']['cpu']}, torch {lut.meta['machine']['torch']}, batch 1, "
+             f"{lut.meta['memory_format']}.",
+             f"Look-up table: {len(lut)} op configurations ({lut_path}); its per-stage prediction for {check_archs} "
+             f"random archs is off by {ee.mean_abs_error_pct.mean():.1f}% on average under early exit (max "
+             f"{ee.max_abs_error_pct.max():.1f}%).",
+             "Paper rows: ImageNet, their Table 4 (their measured latency and top-1; no LUT prediction is given). "
+             "GPU rows of this run are not measured here."]
+    report.write_table(table4, "reports/tables/table4", title="Table 4: latency targets (op latency look-up table)",
+                       reading=reading, notes=notes)
+    return table4
+
+
+SUMMARY = ("reached_static_metric_top1", "test_top1_difference", "macs_ratio", "latency_ratio", "latency_speedup",
+           "meets_goal")  # the keys of ``static_vs_dynamic_result`` a reader looks at first
+
+
+def static_vs_dynamic_result(sd: Mapping[str, Any], timed: Mapping[str, tuple[dict[str, np.ndarray], list]],
+                             lut: lat.LatencyTable, *, threads: int, images: int) -> dict[str, Any]:
+    """``reports/metrics/static_vs_dynamic.json``: both nets, their test top-1, MACs and batch-1 latency, the
+    ratios and whether the paper's claim (``MACS_RATIO_GOAL``, ``SPEEDUP_GOAL``, ``TOP1_SLACK``) holds."""
+    static_arch, st, dyn = sd["static_arch"], sd["static"], sd["dynamic"]
+    other = other_clock(lut)
+    sms, _ = timed["static"]
+    dms, _ = timed["dynamic"]
+    static_ms, dyn_ms = float(sms[lut.clock].mean()), float(dms[lut.clock].mean())
+    result = {
+        "rule": "dynamic thresholds: the cheapest grid thresholds (average MACs on the metric set) whose metric-set "
+                "top-1 reaches the static subnet's metric-set top-1; best static subnet: the most accurate on the "
+                "metric set of the MACs search's static subnets",
+        "reached_static_metric_top1": dyn["reached"],
+        "static": {"network": "supernet.extract (plain torch/torchvision layers), batch-1 forward",
+                   "arch": static_arch.to_dict(), "searched_for_mmacs": st["target_mmacs"], "macs": st["macs"],
+                   "metric_top1": st["metric_top1"], "test_top1": st["test_top1"], "latency_ms": static_ms,
+                   f"latency_{other}_ms": float(sms[other].mean())},
+        "dynamic": {"network": "MultiStageNet.export, batch-1 early_exit",
+                    "arch": dyn["arch"].to_dict(), "searched_for_mmacs": dyn["target_mmacs"],
+                    "thresholds": list(dyn["point"].thresholds), "metric_top1": dyn["point"].acc,
+                    "metric_avg_macs": dyn["point"].cost, "test_top1": dyn["test"].top1,
+                    "test_avg_macs": dyn["test"].avg_macs,
+                    "test_exit_fractions": [float(np.mean(dyn["test"].exit_stage == k))
+                                            for k in range(dyn["arch"].num_stages)],
+                    "latency_ms": dyn_ms, f"latency_{other}_ms": float(dms[other].mean())},
+        "test_top1_difference": dyn["test"].top1 - st["test_top1"],
+        "macs_ratio": dyn["test"].avg_macs / st["macs"],
+        "latency_ratio": dyn_ms / static_ms,
+        "latency_speedup": static_ms / dyn_ms,
+        "goal": {"macs_ratio_at_most": MACS_RATIO_GOAL, "latency_speedup_at_least": SPEEDUP_GOAL},
+        "clock": lut.clock, "threads": threads, "timed_images": images,
+    }
+    result["meets_goal"] = {"macs": result["macs_ratio"] <= MACS_RATIO_GOAL,
+                            "latency": result["latency_speedup"] >= SPEEDUP_GOAL,
+                            "accuracy": dyn["reached"] and result["test_top1_difference"] >= -TOP1_SLACK}
+    return result
+
+
+def metrics(seconds: Mapping[str, float], lut: lat.LatencyTable, errors: pd.DataFrame, searched: list[dict], *,
+            threads: int, check_archs: int) -> dict[str, Any]:
+    """``reports/metrics/table4.json``: step seconds, the table's size and errors, and each searched net."""
+    return {
+        "seconds": sum(seconds.values()),
+        **{f"{k}_seconds": v for k, v in seconds.items()},
+        "lut": {"ops": len(lut), "clock": lut.clock, "threads": threads, "build_seconds": lut.meta["seconds"],
+                "check_archs": check_archs,
+                "error_pct": {mode: {"mean_abs": float(g.mean_abs_error_pct.mean()),
+                                     "max_abs": float(g.max_abs_error_pct.max()),
+                                     "mean": float(g.mean_error_pct.mean())}
+                              for mode, g in errors.groupby("mode")}},
+        "targets": [{"target_ms": s["target"], "lut_metric_ms": s["best"].cost, "lut_timed_ms": s["lut_timed_ms"],
+                     "measured_ms": s["measured_ms"], "test_top1": s["test"].top1, "arch": s["arch"].to_dict(),
+                     "thresholds": list(s["best"].thresholds)} for s in searched],
+    }
