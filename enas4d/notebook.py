@@ -46,6 +46,28 @@ def _tmp_for(path: Path) -> Path:
     return path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def remove_stale_temps(path: Path) -> list[Path]:
+    """Delete ``_tmp_for(path)`` files of processes that are gone (a SIGKILLed run cannot clean up after
+    itself; git and DVC ignore the names, and this keeps the folder tidy); return what was removed."""
+    removed = []
+    for tmp in path.parent.glob(f".{path.stem}.*.tmp{path.suffix}"):
+        pid = tmp.name[len(path.stem) + 2:].split(".", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+    return removed
+
+
 def write_json(path: str | Path, obj: Any) -> Path:
     """Write ``obj`` as indented JSON atomically (temp file, then rename); for DVC metrics files."""
     path = Path(path)
@@ -90,6 +112,7 @@ def run(notebook: str | Path, params: str | Path = "params.yaml", out_dir: str |
     values = parameters(notebook, params)
     out = Path(out_dir) / notebook.name
     out.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(out)
     tmp = _tmp_for(out)
     try:
         papermill.execute_notebook(str(notebook), str(tmp), parameters=values, kernel_name="python3",

@@ -125,3 +125,21 @@ def test_progress_bar_respects_quiet(monkeypatch) -> None:
     b = progress.bar(range(3), desc="x", file=io.StringIO())
     assert not b.disable and list(b) == [0, 1, 2]
     assert progress.bar(total=2, disable=True).disable
+
+
+def test_a_killed_runs_temp_notebook_is_ignored_and_cleaned_up(tmp_path: Path) -> None:
+    import subprocess
+
+    out = tmp_path / "reports" / "notebooks" / "01_x.ipynb"
+    out.parent.mkdir(parents=True)
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stale = out.with_name(f".01_x.{dead.pid}.tmp.ipynb")
+    live = out.with_name(f".01_x.{notebook.os.getpid()}.tmp.ipynb")
+    stale.write_text("{}")
+    live.write_text("{}")
+    assert notebook.remove_stale_temps(out) == [stale]
+    assert live.exists()
+    ignored = subprocess.run(["git", "-C", str(ROOT), "check-ignore", "--no-index", "-q",
+                              "reports/notebooks/.01_supernet_pretrain.123.tmp.ipynb"])
+    assert ignored.returncode == 0, "git must ignore a killed run's temp notebook"
