@@ -4,7 +4,9 @@ a metrics JSON with its wall seconds, a second repro reruns nothing, and a new o
 from __future__ import annotations
 
 import json
+import hashlib
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -20,6 +22,12 @@ def sh(cmd: list[str], cwd: Path, env: dict[str, str]) -> str:
     done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
     assert done.returncode == 0, f"{' '.join(cmd)} failed:\n{done.stdout}\n{done.stderr}"
     return done.stdout + done.stderr
+
+
+def snapshot(repo: Path) -> dict[str, str]:
+    """SHA-256 of every file of the pipeline (all but DVC's own state and params.yaml)."""
+    return {str(p.relative_to(repo)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(repo.rglob("*"))
+            if p.is_file() and p.relative_to(repo).parts[0] not in (".dvc", ".git") and p.name != "params.yaml"}
 
 
 def test_smoke_repro_twice(tmp_path: Path) -> None:
@@ -64,10 +72,21 @@ def test_smoke_repro_twice(tmp_path: Path) -> None:
     assert not sh(["git", "status", "--porcelain", "--ignored=no", "checkpoints/.resume"], repo, env).strip()
 
     second = sh([sys.executable, "-m", "dvc", "repro"], repo, env)
-    assert "Running stage" not in second and "Data and pipelines are up to date." in second, second
+    assert re.findall(r"Running stage '(\w+)'", second) == ["validate"], second  # always checked, nothing else
+
+    # a typo fails in the first stage, in one line naming the key, before DVC deletes any output
+    before = snapshot(repo)
+    params = repo / "params.yaml"
+    good = params.read_text()
+    params.write_text(good.replace("omega: 0.09", "omega: high"))
+    done = subprocess.run([sys.executable, "-m", "dvc", "repro"], cwd=repo, env=env, capture_output=True, text=True)
+    assert done.returncode != 0
+    assert "error: params.yaml: search.omega: got 'high'; allowed: a number >= 0\n" in done.stderr, done.stderr
+    assert re.findall(r"Running stage '(\w+)'", done.stdout + done.stderr) == ["validate"]
+    assert snapshot(repo) == before, "a bad value must leave every output untouched"
+    params.write_text(good)
 
     # a new omega (a search setting) invalidates the predictor and the search, never the database
-    params = repo / "params.yaml"
     params.write_text(params.read_text().replace("omega: 0.09", "omega: 0.2"))
     changed = json.loads(sh([sys.executable, "-m", "dvc", "status", "--json"], repo, env))
     assert {"predictor", "search"} <= set(changed) and not {"data", "supernet", "finetune", "database"} & set(changed)
