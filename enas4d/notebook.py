@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -76,6 +77,31 @@ def write_json(path: str | Path, obj: Any) -> Path:
     tmp.write_text(json.dumps(obj, indent=2) + "\n")
     os.replace(tmp, path)
     return path
+
+
+DETAILS_DIR = Path("reports/details")
+METRICS_DIR = Path("reports/metrics")
+
+
+def numeric_only(obj: dict[str, Any]) -> dict[str, Any]:
+    """The finite numbers of ``obj`` (nested dicts kept, lists, text, booleans and None left out): what
+    ``dvc metrics show`` and ``dvc exp show`` can put in a column."""
+    out: dict[str, Any] = {}
+    for key, value in obj.items():
+        if isinstance(value, dict):
+            inner = numeric_only(value)
+            if inner:
+                out[key] = inner
+        elif isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            out[key] = value
+    return out
+
+
+def write_metrics(name: str, obj: dict[str, Any]) -> Path:
+    """``reports/metrics/<name>.json``: the numbers of ``obj`` only (DVC metrics); the whole record (archs,
+    lists, text) goes to ``reports/details/<name>.json``, which later stages read. Returns the details path."""
+    write_json(METRICS_DIR / f"{name}.json", numeric_only(obj))
+    return write_json(DETAILS_DIR / f"{name}.json", obj)
 
 
 def save_figure(fig: Any, path: str | Path, dpi: int = 120) -> Path:

@@ -166,6 +166,19 @@ def measure_early_exit(msnet: MultiStageNet, arch: MultiStageArch, thresholds: t
     return ExitResult(*(torch.cat([getattr(p, f) for p in parts]).cpu() for f in ("pred", "exit_stage", "macs")))
 
 
+def headline(nets: Sequence[dict], omega: float) -> dict[str, dict[str, float]]:
+    """Per cost target the searched net's test top-1, average MMACs, R and stage-1 exit fraction, as flat
+    numbers (``reports/metrics/headline.json``: the columns `dvc exp show` compares across experiments).
+
+    ``nets`` are Table 1's records (``target_mmacs``, ``top1``, ``avg_mmacs``, ``exit_fractions``)."""
+    from enas4d.thresholds import metric_r
+
+    return {f"target_{float(n['target_mmacs'])}": {
+        "top1": n["top1"], "mmacs": n["avg_mmacs"],
+        "R": metric_r(n["top1"], n["avg_mmacs"], n["target_mmacs"], omega),
+        "exit1": n["exit_fractions"][0]} for n in nets}
+
+
 def save_exits(path: str | Path, labels: np.ndarray, runs: dict[str, ExitResult]) -> Path:
     """Per-image early-exit results of each named net (Table 3 and Figure 6 read them), written atomically."""
     path = Path(path)
