@@ -24,6 +24,9 @@ from typing import Any
 from enas4d import config
 
 OUT_DIR = Path("reports/notebooks")
+PIPELINE_ENV = "ENAS4D_PIPELINE"  # set for the kernels ``run`` starts: params were injected
+SCRATCH = "scratch"
+_NOT_MIRRORED = {".git", ".venv", ".dvc", SCRATCH, ".pytest_cache"}
 
 
 class NotebookError(RuntimeError):
@@ -31,16 +34,41 @@ class NotebookError(RuntimeError):
 
 
 def project_root(start: str | Path | None = None) -> Path:
-    """The nearest directory at or above ``start`` (default: cwd) that holds dvc.yaml.
+    """The directory a notebook works in: the nearest one at or above ``start`` (default: cwd) holding dvc.yaml,
+    or, for a notebook run by hand (not by ``run``, so no params were injected), its scratch copy ``scratch_root``.
 
     Notebooks ``os.chdir`` there first, so the same relative paths work under papermill (run from the
-    root) and in JupyterLab (where the kernel starts in ``notebooks/``).
+    root) and in JupyterLab (where the kernel starts in ``notebooks/``), and a hand run never rewrites
+    the pipeline's tracked results.
     """
     here = Path(start or Path.cwd()).resolve()
     for d in (here, *here.parents):
         if (d / "dvc.yaml").is_file():
+            if start is None and os.environ.get(PIPELINE_ENV) != "1" and SCRATCH not in d.parts:
+                return scratch_root(d)
             return d
     raise FileNotFoundError(f"{here}: no dvc.yaml here or above; open the notebook from the enas4d checkout")
+
+
+def scratch_root(root: Path) -> Path:
+    """``<root>/scratch/``: a mirror of the checkout in which every file is a symlink to the real one.
+
+    Reads follow the links; every writer here writes a temp file and renames it over the path, which
+    replaces the link and never touches the real file, so a hand run's outputs stay in scratch/ (ignored by
+    git and DVC). Files a hand run wrote are kept; links are refreshed on every call."""
+    scratch = root / SCRATCH
+    for dirpath, dirnames, filenames in os.walk(root):
+        rel = Path(dirpath).relative_to(root)
+        dirnames[:] = [d for d in dirnames if not (rel == Path(".") and d in _NOT_MIRRORED) and d != "__pycache__"]
+        (scratch / rel).mkdir(parents=True, exist_ok=True)
+        for name in filenames:
+            link = scratch / rel / name
+            if link.is_symlink() or not link.exists():
+                link.unlink(missing_ok=True)
+                link.symlink_to(Path(dirpath, name))
+    print(f"run by hand (no papermill parameters): working in {scratch}; the pipeline's files are read, "
+          "never written", file=sys.stderr)
+    return scratch
 
 
 def _tmp_for(path: Path) -> Path:
@@ -139,6 +167,7 @@ def run(notebook: str | Path, params: str | Path = "params.yaml", out_dir: str |
     out = Path(out_dir) / notebook.name
     out.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(out)
+    os.environ[PIPELINE_ENV] = "1"  # the kernel inherits it: project_root() is the checkout itself
     tmp = _tmp_for(out)
     try:
         papermill.execute_notebook(str(notebook), str(tmp), parameters=values, kernel_name="python3",

@@ -143,3 +143,26 @@ def test_a_killed_runs_temp_notebook_is_ignored_and_cleaned_up(tmp_path: Path) -
     ignored = subprocess.run(["git", "-C", str(ROOT), "check-ignore", "--no-index", "-q",
                               "reports/notebooks/.01_supernet_pretrain.123.tmp.ipynb"])
     assert ignored.returncode == 0, "git must ignore a killed run's temp notebook"
+
+
+def test_a_hand_run_works_in_scratch_and_leaves_the_pipeline_files_alone(tmp_path: Path, monkeypatch) -> None:
+    root = tmp_path / "repo"
+    (root / "reports" / "metrics").mkdir(parents=True)
+    (root / "dvc.yaml").write_text("stages: {}\n")
+    (root / "params.yaml").write_text("seed: 0\n")
+    result = root / "reports" / "metrics" / "x.json"
+    result.write_text('{"acc": 0.9}\n')
+    (root / "notebooks").mkdir()
+    monkeypatch.chdir(root / "notebooks")
+    monkeypatch.setenv(notebook.PIPELINE_ENV, "1")
+    assert notebook.project_root() == root
+    monkeypatch.delenv(notebook.PIPELINE_ENV)
+    work = notebook.project_root()
+    assert work == root / "scratch"
+    monkeypatch.chdir(work)
+    assert Path("params.yaml").read_text() == "seed: 0\n"  # inputs are read through the links
+    notebook.write_json("reports/metrics/x.json", {"acc": 0.1})
+    assert result.read_text() == '{"acc": 0.9}\n', "the pipeline's file is untouched"
+    assert json.loads((work / "reports/metrics/x.json").read_text()) == {"acc": 0.1}
+    assert notebook.project_root() == work, "a second call keeps the hand run's own file"
+    assert json.loads((work / "reports/metrics/x.json").read_text()) == {"acc": 0.1}
