@@ -139,11 +139,35 @@ def load_searched(path: str | Path, cfg: config.Config) -> tuple[list[Searched],
                           tuple(float(t) for t in e["thresholds"]), dict(e["metric_set"])) for e in raw["multistage"]]
         static = [Searched(float(e["target"]), SubnetArch.from_dict(e["arch"]), (), dict(e["metric_set"]))
                   for e in raw["static"]]
-    except (KeyError, TypeError, json.JSONDecodeError) as err:
+    except (KeyError, TypeError, ValueError) as err:  # JSONDecodeError is a ValueError
+        if isinstance(err, ValueError) and str(err).startswith(f"{path}: "):
+            raise
         raise ValueError(f"{path}: not a searched-archs file ({type(err).__name__}: {err})") from None
     if [s.target for s in multi] != list(cfg.search.targets):
         raise ValueError(f"{path}: multistage targets {[s.target for s in multi]} differ from search.targets")
+    _check_searched(path, cfg, multi, static)
     return multi, static
+
+
+def _check_searched(path: Path, cfg: config.Config, multi: list[Searched], static: list[Searched]) -> None:
+    """Thresholds in [0, 1], one per stage but the last, and every arch inside params.yaml's search space."""
+    from enas4d import pipeline  # pipeline is the heavier module; report only needs its space here
+
+    space = pipeline.space(cfg)
+    for kind, nets in (("multistage", multi), ("static", static)):
+        for i, net in enumerate(nets):
+            where = f"{path}: {kind}[{i}] (target {net.target:g})"
+            if kind == "multistage":
+                if len(net.thresholds) != space.stages - 1:
+                    raise ValueError(f"{where}: {len(net.thresholds)} thresholds; finetune.stages = {space.stages} "
+                                     f"needs {space.stages - 1}")
+                bad = [t for t in net.thresholds if not 0 <= t <= 1]
+                if bad:
+                    raise ValueError(f"{where}: threshold {bad[0]:g} outside [0, 1]")
+            try:
+                space.check(net.arch) if kind == "multistage" else space.check_subnet(net.arch)
+            except ValueError as err:
+                raise ValueError(f"{where}: arch outside the search space of params.yaml ({err})") from None
 
 
 @torch.no_grad()

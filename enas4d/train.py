@@ -129,6 +129,15 @@ def save_checkpoint(path: str | os.PathLike, state: Mapping[str, Any]) -> None:
     _atomic_write(Path(path), lambda f: torch.save(dict(state), f))
 
 
+def load_error(err: Exception) -> str:
+    """torch.load's error in a few words: its first sentence, except that the advice to retry with
+    ``weights_only=False`` (running a file's pickled code) is never right for a file this project reads."""
+    first = str(err).strip().split("\n")[0].split(". ")[0].strip()
+    if not first or "weights_only" in first or "Weights only" in first:
+        return f"{type(err).__name__}: not a file of plain tensors and values"
+    return f"{type(err).__name__}: {first}"
+
+
 def load_checkpoint(path: str | os.PathLike, required: Sequence[str] = ()) -> dict[str, Any]:
     """A checkpoint dict read with ``weights_only=True``; CheckpointError naming the file if unusable."""
     path = Path(path)
@@ -137,8 +146,7 @@ def load_checkpoint(path: str | os.PathLike, required: Sequence[str] = ()) -> di
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch.load raises many types (zip, pickle, EOF, runtime): all mean "corrupt"
-        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
-        raise CheckpointError(f"{path}: corrupt or not a torch checkpoint ({type(err).__name__}: {first})") from None
+        raise CheckpointError(f"{path}: corrupt or not a torch checkpoint ({load_error(err)})") from None
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: expected a dict checkpoint, got {type(obj).__name__}")
     missing = [k for k in required if k not in obj]
@@ -287,8 +295,15 @@ def _resume_state(last: Path, kind: str, fingerprint: dict[str, Any]) -> dict[st
     """The checkpoint to resume from, or None when there is none or it belongs to a run with other settings."""
     if not last.exists():
         return None
-    ck = load_checkpoint(last, ("format", "kind", "fingerprint", "phase", "epoch", "step", "model", "optimizer",
-                                "scheduler", "teacher", "rng", "history"))
+    try:
+        ck = load_checkpoint(last, ("format", "kind", "fingerprint", "phase", "epoch", "step", "model", "optimizer",
+                                    "scheduler", "teacher", "rng", "history"))
+    except CheckpointError as err:  # e.g. a disk that filled up: not worth a dead end, the epochs are redone
+        if distributed.context().main:
+            aside = last.with_name(last.name + ".corrupt")
+            os.replace(last, aside)
+            warnings.warn(f"{err}; set aside as {aside}, training starts over", stacklevel=4)
+        return None
     if ck["format"] != TRAIN_FORMAT or ck["kind"] != kind:
         raise CheckpointError(f"{last}: holds a {ck['kind']!r} run ({ck['format']}); use another ckpt_dir for {kind!r}")
     old = json.loads(json.dumps(ck["fingerprint"]))

@@ -206,8 +206,8 @@ def test_early_exit_is_measured_batch_by_batch_and_saved_per_image(tmp_path):
 
 
 def test_searched_file_is_checked_against_the_params(tmp_path):
-    _, space = tiny()
     cfg = config.load(ROOT / "params.yaml")
+    space = pipeline.space(cfg)
     rng = np.random.default_rng(0)
     entry = lambda t: {"target": t, "arch": space.sample(rng).to_dict(), "thresholds": [0.9, 0.8],  # noqa: E731
                        "metric_set": {"r": 0.9, "acc": 0.9, "cost": t}}
@@ -227,3 +227,19 @@ def test_searched_file_is_checked_against_the_params(tmp_path):
         report.load_searched(path, cfg)
     with pytest.raises(FileNotFoundError, match="run the search stage first"):
         report.load_searched(tmp_path / "none.json", cfg)
+    # thresholds in [0, 1], one per stage but the last, archs inside the space: errors name the file and entry
+    bad = json.loads(json.dumps(raw))
+    bad["multistage"][1]["thresholds"] = [1.5, -2.0]
+    path.write_text(json.dumps(bad))
+    with pytest.raises(ValueError, match=r"archs\.json: multistage\[1\] \(target 1\.5\): threshold 1\.5 outside"):
+        report.load_searched(path, cfg)
+    bad["multistage"][1]["thresholds"] = [0.5]
+    path.write_text(json.dumps(bad))
+    with pytest.raises(ValueError, match=r"archs\.json: multistage\[1\] .*: 1 thresholds; finetune\.stages = 3 needs 2"):
+        report.load_searched(path, cfg)
+    bad = json.loads(json.dumps(raw))
+    bad["static"][0]["arch"]["resolution"] = 99
+    path.write_text(json.dumps(bad))
+    with pytest.raises(ValueError, match=r"archs\.json: static\[0\] \(target 1\): arch outside the search space") as err:
+        report.load_searched(path, cfg)
+    assert "\n" not in str(err.value)

@@ -65,6 +65,14 @@ def test_load_checkpoint_errors_name_the_file(tmp_path: Path) -> None:
     with pytest.raises(train.CheckpointError, match="bad.pt: corrupt") as err:
         train.load_checkpoint(bad)
     assert "\n" not in str(err.value)
+    bad.write_bytes(np.random.default_rng(0).bytes(5000))  # torch's own message advises weights_only=False
+    with pytest.raises(train.CheckpointError, match="bad.pt: corrupt") as err:
+        train.load_checkpoint(bad)
+    assert "\n" not in str(err.value) and "weights_only" not in str(err.value), err.value
+    from enas4d.supernet import load_ofa_state_dict
+    with pytest.raises(ValueError, match="bad.pt: corrupt or not a torch state dict") as err:
+        load_ofa_state_dict(fresh_net(), bad)
+    assert "weights_only" not in str(err.value)
     with pytest.raises(train.CheckpointError, match="missing.pt: checkpoint not found"):
         train.load_checkpoint(tmp_path / "missing.pt")
     train.save_checkpoint(tmp_path / "other.pt", {"model": {}})
