@@ -271,6 +271,27 @@ def write_csv(df: pd.DataFrame, path: str | Path) -> Path:
     return _atomic_text(Path(path), df.to_csv(index=False))
 
 
+FIGURE5_SERIES = ("ENAS4D (sweep)", "best static subnet", "cascade without reuse", "ENAS4D (Table 1)",
+                  "random multi-stage")
+
+
+def series_file(name: str) -> str:
+    """File name of a series' own CSV: ``ENAS4D (sweep)`` -> ``enas4d-sweep.csv``."""
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") + ".csv"
+
+
+def write_series(points: pd.DataFrame, out_dir: str | Path, names: Sequence[str] = FIGURE5_SERIES) -> list[Path]:
+    """One CSV per series of ``points`` (``series``, ``avg_mmacs``, ``top1_pct``, ...), in cost order: ``dvc plots``
+    colours a plot by file, so a file per series gives a colour per series."""
+    out = []
+    for name in names:
+        rows = points[points.series == name].sort_values("avg_mmacs")
+        keep = [c for c in ("label", "target_mmacs", "avg_mmacs", "top1_pct", "top1_low_pct", "top1_high_pct")
+                if c in rows]
+        out.append(write_csv(rows[keep], Path(out_dir) / series_file(name)))
+    return out
+
+
 def write_figure(fig, png: str | Path, *, title: str, reading: str, notes: Sequence[str] = (),
                  dpi: int = 120) -> tuple[Path, Path]:
     """Save ``fig`` as ``png`` and its caption (title, inline image, reading, notes) as the ``.md`` beside it."""
@@ -321,19 +342,40 @@ _STYLES: dict[str, dict] = {
 _CYCLE = ("tab:purple", "tab:orange", "tab:brown", "tab:pink", "tab:olive", "tab:cyan", "tab:blue")
 
 
+def wilson_pct(top1_pct: Sequence[float] | np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """95% Wilson score interval (%) of top-1 rates measured on ``n`` images (scipy's binomial test):
+    the error bars of Figure 5 and the intervals the readings quote where a rate rests on few images."""
+    from scipy.stats import binomtest
+
+    lo, hi = [], []
+    for p in np.asarray(top1_pct, dtype=np.float64):
+        if not np.isfinite(p) or n <= 0:
+            lo.append(np.nan)
+            hi.append(np.nan)
+            continue
+        ci = binomtest(int(round(p / 100 * n)), n).proportion_ci(0.95, method="wilson")
+        lo.append(100 * ci.low)
+        hi.append(100 * ci.high)
+    return np.array(lo), np.array(hi)
+
+
 def plot_accuracy_vs_macs(points: pd.DataFrame, *, left_title: str, right_title: str):
     """Figure 5: top-1 (%) against average MACs (M), one panel per ``points.panel`` value (0 ours, 1 ImageNet).
 
-    ``points`` has columns panel, series, avg_mmacs, top1_pct. Series in ``_STYLES`` keep their style
-    (lines join a series' points in MACs order); any other series (methods of other papers) gets a marker
-    of its own. A panel whose MACs span more than 10x uses a log axis.
+    ``points`` has columns panel, series, avg_mmacs, top1_pct, and optionally top1_low_pct/top1_high_pct
+    (95% binomial intervals, drawn as error bars). Series in ``_STYLES`` keep their style (lines join a
+    series' points in MACs order); any other series (methods of other papers) gets a marker of its own.
+    A panel whose MACs span more than 10x uses a log axis, and its x label says so. Seaborn's whitegrid style.
     """
     import matplotlib.pyplot as plt
+    import seaborn as sns
 
     missing = {"panel", "series", "avg_mmacs", "top1_pct"} - set(points.columns)
     if missing:
         raise ValueError(f"figure 5 points lack columns {sorted(missing)}")
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
+    with sns.axes_style("whitegrid"):
+        fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
+    palette = sns.color_palette("colorblind")
     for panel, (ax, title) in enumerate(zip(axes, (left_title, right_title))):
         part = points[points.panel == panel]
         others = 0
@@ -341,13 +383,18 @@ def plot_accuracy_vs_macs(points: pd.DataFrame, *, left_title: str, right_title:
             rows = rows.sort_values("avg_mmacs")
             style = _STYLES.get(series)
             if style is None:
-                style = dict(color=_CYCLE[others % len(_CYCLE)], marker="DPXhv<>"[others % 7], ls="", ms=9)
+                style = dict(color=palette[others % len(palette)], marker="DPXhv<>"[others % 7], ls="", ms=9)
                 others += 1
             ax.plot(rows.avg_mmacs, rows.top1_pct, label=series, **style)
-        if len(part) and part.avg_mmacs.max() > 10 * part.avg_mmacs.min():
+            if {"top1_low_pct", "top1_high_pct"} <= set(rows) and rows.top1_low_pct.notna().any():
+                err = np.vstack([rows.top1_pct - rows.top1_low_pct, rows.top1_high_pct - rows.top1_pct])
+                ax.errorbar(rows.avg_mmacs, rows.top1_pct, yerr=err, fmt="none", ecolor=style["color"],
+                            elinewidth=0.8, capsize=2, alpha=style.get("alpha", 0.8), zorder=style.get("zorder", 2))
+        log = bool(len(part) and part.avg_mmacs.max() > 10 * part.avg_mmacs.min())
+        if log:
             ax.set_xscale("log")
-        ax.set_xlabel("average MACs (M)")
-        ax.set_ylabel("top-1 (%)")
+        ax.set_xlabel("average MACs per image (M, log scale)" if log else "average MACs per image (M, linear scale)")
+        ax.set_ylabel("top-1 (%)" + (", 95% Wilson intervals" if "top1_low_pct" in part else ""))
         ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=8, loc="best")

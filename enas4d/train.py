@@ -59,6 +59,7 @@ PHASES = ("full", "kernel", "depth", "expand")
 PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 SUPERNET_FORMAT = "enas4d-supernet/1"
 TRAIN_FORMAT = "enas4d-train/1"
+CURVES = Path("reports/plots")  # the pipeline's per-epoch curves (dvc plots), rewritten after every epoch
 
 
 class CheckpointError(ValueError):
@@ -184,6 +185,20 @@ def history_to_csv(history: Sequence[Mapping[str, Any]], path: str | os.PathLike
         w.writerows(history)
 
     _atomic_write(Path(path), write, "w")
+
+
+def progress_line(what: str, row: Mapping[str, Any]) -> str:
+    """One line per epoch: loss, every validation top-1, seconds; printed to the cell output (kept in the
+    executed notebook) and, inside a notebook kernel, to the kernel's own stderr as well: papermill keeps
+    cell output out of the terminal, and the kernel's stderr is the terminal of `dvc repro`."""
+    vals = ", ".join(f"{k} {v:.4f}" for k, v in row.items() if k.startswith("val_top1"))
+    line = f"{what}: loss {row.get('loss', float('nan')):.4f}" + (f", {vals}" if vals else "") + \
+        f", {row.get('seconds', float('nan')):.0f} s"
+    if os.environ.get("ENAS4D_QUIET") != "1":
+        print(line, flush=True)
+        if sys.__stderr__ is not None and sys.stderr is not sys.__stderr__:
+            print(line, file=sys.__stderr__, flush=True)
+    return line
 
 
 def weights_digest(model: nn.Module) -> str:
@@ -384,8 +399,12 @@ def _train_epoch(task: _Task, pi: int, epoch: int, desc: str, model: nn.Module, 
 def _run(kind: str, model: OFAMobileNetV3, phases: Sequence[_Phase], task: _Task,
          evaluate: Callable[[int], dict[str, float]], on_phase_start: Callable[[int], None], train_split: Split, *,
          batch_size: int, seed: int, augment: bool, optim: dict[str, Any], ckpt_dir: str | os.PathLike,
-         fingerprint: dict[str, Any], stop_after: int | None, run: _Execution) -> TrainResult:
+         fingerprint: dict[str, Any], stop_after: int | None, run: _Execution,
+         curves: str | os.PathLike | None = None) -> TrainResult:
     """Train ``phases`` in order with per-epoch checkpoints in ``ckpt_dir/last.pt``, resuming from it.
+
+    After every epoch one line of its numbers reaches the terminal (``progress_line``) and, with ``curves``,
+    the history so far is rewritten there as CSV, so a long stage shows its curves while it runs.
 
     ``on_phase_start(i)`` runs when phase ``i`` starts afresh (not when resumed in its middle);
     ``evaluate(i)`` adds validation metrics to each epoch's history row. Under torchrun every rank runs
@@ -437,6 +456,9 @@ def _run(kind: str, model: OFAMobileNetV3, phases: Sequence[_Phase], task: _Task
             history.append({"phase": ph.name, "epoch": epoch + 1, "global_epoch": len(history) + 1,
                             "step": global_step, **metrics, **evaluate(pi), "seconds": time.perf_counter() - start})
             if ctx.main:
+                progress_line(f"{kind} {ph.name} epoch {epoch + 1}/{ph.epochs}", history[-1])
+                if curves is not None:
+                    history_to_csv(history, curves)
                 save_checkpoint(last, {
                     "format": TRAIN_FORMAT, "kind": kind, "fingerprint": fingerprint, "phase": ph.name,
                     "epoch": epoch + 1, "step": global_step, "model": model.state_dict(),
@@ -494,7 +516,8 @@ def pretrain(supernet: OFAMobileNetV3, train_split: Split, calib_split: Split, v
              momentum: float = 0.9, nesterov: bool = True, weight_decay: float = 3e-5,
              label_smoothing: float = 0.1, kd_ratio: float = 1.0, subnets_per_step: int = 1, sandwich: bool = False,
              augment: bool = True, precision: str = "fp32", micro_batches: int = 1,
-             out: str | os.PathLike | None = None, stop_after: int | None = None) -> TrainResult:
+             out: str | os.PathLike | None = None, stop_after: int | None = None,
+             curves: str | os.PathLike | None = None) -> TrainResult:
     """OFA progressive shrinking of ``supernet`` (in place, on its device); writes ``out`` when complete.
 
     Loss per sampled subnet: label-smoothed CE + ``kd_ratio`` x KD towards the teacher (the largest
@@ -563,7 +586,7 @@ def pretrain(supernet: OFAMobileNetV3, train_split: Split, calib_split: Split, v
     result = _run("pretrain", supernet, phases, _Task(sample, loss, biggest), evaluate, on_phase_start,
                   train_split, batch_size=batch_size, seed=seed, augment=augment,
                   optim=dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay),
-                  ckpt_dir=ckpt_dir, fingerprint=fingerprint, stop_after=stop_after, run=run)
+                  ckpt_dir=ckpt_dir, fingerprint=fingerprint, stop_after=stop_after, run=run, curves=curves)
     if result.complete and distributed.context().main:
         save_supernet(out or Path(ckpt_dir) / "supernet.pt", supernet, result.history)
     return result
@@ -583,7 +606,7 @@ def finetune(supernet: OFAMobileNetV3, train_split: Split, calib_split: Split, v
              momentum: float = 0.9, nesterov: bool = True, weight_decay: float = 3e-5, kd_ratio: float = 1.0,
              label_smoothing: float = 0.1, augment: bool = True, eval_archs: int = 2, precision: str = "fp32",
              micro_batches: int = 1, out: str | os.PathLike | None = None,
-             stop_after: int | None = None) -> TrainResult:
+             stop_after: int | None = None, curves: str | os.PathLike | None = None) -> TrainResult:
     """The paper's fine-tuning for dynamic inference, in place; writes ``out`` when complete.
 
     Each step samples a multi-stage arch of ``stages`` stages uniformly, runs ``MultiStageNet`` (all
@@ -637,7 +660,7 @@ def finetune(supernet: OFAMobileNetV3, train_split: Split, calib_split: Split, v
     result = _run("finetune", supernet, [_Phase("finetune", epochs, kd_ratio > 0)], _Task(sample, loss, biggest),
                   evaluate, lambda pi: None, train_split, batch_size=batch_size, seed=seed, augment=augment,
                   optim=dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay),
-                  ckpt_dir=ckpt_dir, fingerprint=fingerprint, stop_after=stop_after, run=run)
+                  ckpt_dir=ckpt_dir, fingerprint=fingerprint, stop_after=stop_after, run=run, curves=curves)
     if result.complete and distributed.context().main:
         save_supernet(out or Path(ckpt_dir) / "multistage.pt", supernet, result.history, space)
     return result
@@ -658,11 +681,11 @@ def run_stage(cfg: config.Config, stage: str, micro_batches: int = 1) -> TrainRe
         del settings["bn_calib_images"], settings["eval_subnets"]
         return pretrain(pipeline.new_supernet(cfg), splits["train"], calib, val,
                         ckpt_dir=pipeline.resume_dir("supernet"), seed=cfg.seed, out=pipeline.SUPERNET,
-                        micro_batches=micro_batches, **settings)
+                        micro_batches=micro_batches, curves=CURVES / "pretrain.csv", **settings)
     if stage == "finetune":
         return finetune(pipeline.load_supernet(cfg), splits["train"], calib, val,
                         ckpt_dir=pipeline.resume_dir("finetune"), seed=cfg.seed, out=pipeline.MULTISTAGE,
-                        micro_batches=micro_batches, **config.to_dict(cfg.finetune))
+                        micro_batches=micro_batches, curves=CURVES / "finetune.csv", **config.to_dict(cfg.finetune))
     raise ValueError(f"unknown stage {stage!r}; stages are pretrain, finetune")
 
 

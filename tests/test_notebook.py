@@ -166,3 +166,19 @@ def test_a_hand_run_works_in_scratch_and_leaves_the_pipeline_files_alone(tmp_pat
     assert json.loads((work / "reports/metrics/x.json").read_text()) == {"acc": 0.1}
     assert notebook.project_root() == work, "a second call keeps the hand run's own file"
     assert json.loads((work / "reports/metrics/x.json").read_text()) == {"acc": 0.1}
+
+
+def test_every_plot_has_labelled_axes_and_a_template_with_a_colour_per_series() -> None:
+    spec = yaml.safe_load((ROOT / "dvc.yaml").read_text())
+    for entry in spec["plots"]:
+        (name, props), = entry.items()
+        assert {"title", "x_label", "y_label"} <= set(props), name
+        template = json.loads((ROOT / ".dvc" / "plots" / f"{props['template']}.json").read_text())
+        assert template["encoding"]["color"]["field"] in ("field", "filename"), name  # not the revision
+        for y in props["y"]:
+            assert (ROOT / y).is_file(), f"{name}: {y}"
+    for stage in STAGES.values():
+        for out in stage.get("plots", []):
+            if isinstance(out, dict):
+                (path, props), = out.items()
+                assert {"x_label", "y_label"} <= set(props), path

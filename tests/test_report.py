@@ -80,6 +80,16 @@ def test_figure5_panels_and_axes():
     assert (left.get_xscale(), right.get_xscale()) == ("linear", "log")  # 3380/92 spans more than 10x
     assert [t.get_text() for t in right.get_legend().get_texts()] == ["ENAS4D (paper)", "FBS"]
     assert len(left.lines) == 2 and list(left.lines[0].get_xdata()) == [1.0, 2.0]
+    assert (left.get_xlabel(), right.get_xlabel()) == ("average MACs per image (M, linear scale)",
+                                                       "average MACs per image (M, log scale)")
+    # points joined in cost order whatever their order in the table, and 95% intervals drawn as error bars
+    lo, hi = report.wilson_pct([90.0, 91.0, 88.0, 70.5, 69.59], 10000)
+    assert np.all(lo < [90.0, 91.0, 88.0, 70.5, 69.59]) and np.all(hi > [90.0, 91.0, 88.0, 70.5, 69.59])
+    assert 1.1 < hi[0] - lo[0] < 1.25  # +-1.96 sqrt(.9 .1 / 10000) = +-0.59 points
+    shuffled = pts.assign(top1_low_pct=lo, top1_high_pct=hi).iloc[[1, 0, 2, 3, 4]]
+    fig = report.plot_accuracy_vs_macs(shuffled, left_title="ours", right_title="ImageNet")
+    assert list(fig.axes[0].lines[0].get_xdata()) == [1.0, 2.0]
+    assert len(fig.axes[0].collections) >= 2, "error bars"
     with pytest.raises(ValueError, match="lack columns"):
         report.plot_accuracy_vs_macs(pts.drop(columns="series"), left_title="", right_title="")
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import random
+import re
 from pathlib import Path
 
 import numpy as np
@@ -239,3 +240,22 @@ def test_history_to_csv_writes_the_union_of_columns(tmp_path: Path) -> None:
     rows = list(csv.DictReader(path.open()))
     assert rows == [{"epoch": "1", "loss": "2.0", "val_top1": ""}, {"epoch": "2", "loss": "1.5", "val_top1": "0.5"}]
     assert [p.name for p in path.parent.iterdir()] == ["curve.csv"]  # no temp file left behind
+
+
+def test_each_epoch_prints_one_line_and_rewrites_the_curves(tmp_path: Path, splits: dict, monkeypatch, capsys) -> None:
+    monkeypatch.setenv("ENAS4D_QUIET", "0")
+    args = dict(PRETRAIN, epochs_full=2, epochs_kernel=0, epochs_expand=0)
+    curves = tmp_path / "curves.csv"
+    train.pretrain(fresh_net(), splits["train"], splits["calib"], splits["val"], ckpt_dir=tmp_path, stop_after=1,
+                   curves=curves, **args)
+    with open(curves) as f:
+        first = list(csv.DictReader(f))
+    assert [r["epoch"] for r in first] == ["1"], "the curve holds the finished epoch before the run ends"
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("pretrain full epoch")]
+    assert len(lines) == 1
+    assert re.fullmatch(r"pretrain full epoch 1/2: loss \d+\.\d{4}, val_top1_largest \d\.\d{4}, "
+                        r"val_top1_smallest \d\.\d{4}, \d+ s", lines[0]), lines[0]
+    train.pretrain(fresh_net(), splits["train"], splits["calib"], splits["val"], ckpt_dir=tmp_path, curves=curves,
+                   **args)
+    with open(curves) as f:
+        assert [r["epoch"] for r in csv.DictReader(f)] == ["1", "2"]
