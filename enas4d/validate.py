@@ -9,6 +9,8 @@ It also writes what the stages depend on but params.yaml does not say:
 
 - ``reports/settings/compute.json``: the resolved ``device`` (``auto`` becomes ``cpu`` or ``cuda``) and
   ``threads``; training and evaluation stages depend on it, since both change their numbers.
+- ``reports/settings/environment.json``: the torch version and CPU kernel family (AVX2, AVX512, ...),
+  which change float results but are no dependency: recorded so two runs' numbers can be compared.
 - ``reports/settings/data.json``: which data the ``data`` stage would read (``data.root``, else
   ``$ENAS4D_DATA``, else the installed copy) as a digest of its content, so pointing ``$ENAS4D_DATA``
   at other files reruns the pipeline, and a copy of the same files elsewhere does not.
@@ -46,6 +48,18 @@ def compute_settings(cfg: config.Config, source: str = "params.yaml") -> dict[st
         raise SettingsError(f"{source}: device: got 'cuda', but torch sees no CUDA device here; allowed: auto, cpu")
     device = "cuda" if cfg.device != "cpu" and torch.cuda.is_available() else "cpu"
     return {"device": device, "threads": cfg.threads}
+
+
+def environment() -> dict[str, Any]:
+    """What else decides the exact numbers of a run, recorded (not a dependency: a stage reruns on a change of
+    device or threads, but the torch build and CPU kernels are facts of the machine, shown for comparison).
+
+    Measured (docs/DESIGN.md, "Determinism"): two runs with the same params and thread count give
+    bit-identical weights; 1 thread instead of 2 gives different ones, since float sums regroup."""
+    import torch
+
+    return {"torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "cuda_device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 
 
 def _fmnist_digest(directory: Path) -> str:
@@ -118,10 +132,12 @@ def _write_if_changed(path: Path, obj: dict[str, Any]) -> bool:
 
 
 def run(params: str | Path = "params.yaml", out: str | Path = SETTINGS) -> dict[str, dict[str, Any]]:
-    """Validate ``params`` and the machine; write ``compute.json`` and ``data.json`` to ``out``; return them."""
+    """Validate ``params`` and the machine; write ``compute.json``, ``data.json`` and ``environment.json`` to
+    ``out``; return them."""
     cfg = config.load(params)
     check_supported(cfg, str(params))
-    settings = {"compute": compute_settings(cfg, str(params)), "data": data_settings(cfg)}
+    settings = {"compute": compute_settings(cfg, str(params)), "data": data_settings(cfg),
+                "environment": environment()}
     for name, obj in settings.items():
         _write_if_changed(Path(out) / f"{name}.json", obj)
     return settings

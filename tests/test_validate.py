@@ -43,6 +43,8 @@ def test_writes_resolved_settings(tmp_path: Path, fake_fmnist) -> None:
     want_device = "cuda" if torch.cuda.is_available() else "cpu"
     assert json.loads((out / "compute.json").read_text()) == {"device": want_device, "threads": 3} == got["compute"]
     assert json.loads((out / "data.json").read_text())["name"] == "fashion-mnist"
+    env = json.loads((out / "environment.json").read_text())
+    assert env["torch"] == torch.__version__ and env["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
 
 
 def test_data_digest_follows_content_not_location(tmp_path: Path, fake_fmnist, monkeypatch) -> None:
