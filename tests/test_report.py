@@ -253,3 +253,16 @@ def test_searched_file_is_checked_against_the_params(tmp_path):
     with pytest.raises(ValueError, match=r"archs\.json: static\[0\] \(target 1\): arch outside the search space") as err:
         report.load_searched(path, cfg)
     assert "\n" not in str(err.value)
+
+
+def test_readings_compare_exactly_and_give_counts_and_intervals():
+    text = report.against_targets(["A", "B", "C", "D"], [1.0967551552, 1.28, 1.33, 2.5004912672],
+                                  [1.0, 1.5, 2.0, 2.5], "MMACs")
+    assert text == ("2 of 4 stay at or under their cost target; over it: A by 9.7% (1.09676 vs 1 MMACs), "
+                    "D by 0.02% (2.50049 vs 2.5 MMACs)")  # D is over, though it rounds to 2.500
+    assert report.against_targets(["A"], [4.0], [4.0], "ms") == "1 of 1 stay at or under their cost target"
+    line = report.rate_with_interval(39, 54)
+    assert line.startswith("72.2% of 54 images (95% CI ") and line.endswith("%)")
+    lo, hi = (float(v) for v in line.split("CI ")[1].rstrip("%)").split("-"))
+    assert lo < 72.2 < hi and hi - lo > 20  # few images: a wide interval
+    assert report.rate_with_interval(0, 0) == "no images"
