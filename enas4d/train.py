@@ -194,10 +194,9 @@ def progress_line(what: str, row: Mapping[str, Any]) -> str:
     vals = ", ".join(f"{k} {v:.4f}" for k, v in row.items() if k.startswith("val_top1"))
     line = f"{what}: loss {row.get('loss', float('nan')):.4f}" + (f", {vals}" if vals else "") + \
         f", {row.get('seconds', float('nan')):.0f} s"
-    if os.environ.get("ENAS4D_QUIET") != "1":
-        print(line, flush=True)
-        if sys.__stderr__ is not None and sys.stderr is not sys.__stderr__:
-            print(line, file=sys.__stderr__, flush=True)
+    print(line, flush=True)  # a line per epoch, even with ENAS4D_QUIET=1 (which silences the bars)
+    if sys.__stderr__ is not None and sys.stderr is not sys.__stderr__:
+        print(line, file=sys.__stderr__, flush=True)
     return line
 
 
@@ -456,7 +455,8 @@ def _run(kind: str, model: OFAMobileNetV3, phases: Sequence[_Phase], task: _Task
             history.append({"phase": ph.name, "epoch": epoch + 1, "global_epoch": len(history) + 1,
                             "step": global_step, **metrics, **evaluate(pi), "seconds": time.perf_counter() - start})
             if ctx.main:
-                progress_line(f"{kind} {ph.name} epoch {epoch + 1}/{ph.epochs}", history[-1])
+                what = kind if ph.name == kind else f"{kind} {ph.name}"
+                progress_line(f"{what} epoch {epoch + 1}/{ph.epochs}", history[-1])
                 if curves is not None:
                     history_to_csv(history, curves)
                 save_checkpoint(last, {

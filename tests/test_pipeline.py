@@ -47,6 +47,9 @@ def test_smoke_repro_twice(tmp_path: Path) -> None:
     shutil.copy(repo / "profiles/smoke.yaml", repo / "params.yaml")
 
     first = sh([sys.executable, "-m", "dvc", "repro"], repo, env)
+    # per-epoch progress reaches the terminal of `dvc repro` (papermill keeps cell output to the notebook)
+    assert re.search(r"pretrain full epoch 1/\d+: loss \d+\.\d+, val_top1_largest \d\.\d+, .* \d+ s\n", first), first
+    assert re.search(r"finetune epoch 1/\d+: loss \d+\.\d+, val_top1_s1 ", first), first
     for stage, notebook in STAGES.items():
         assert f"Running stage '{stage}'" in first
         assert (repo / f"reports/notebooks/{notebook}.ipynb").is_file()

@@ -242,8 +242,7 @@ def test_history_to_csv_writes_the_union_of_columns(tmp_path: Path) -> None:
     assert [p.name for p in path.parent.iterdir()] == ["curve.csv"]  # no temp file left behind
 
 
-def test_each_epoch_prints_one_line_and_rewrites_the_curves(tmp_path: Path, splits: dict, monkeypatch, capsys) -> None:
-    monkeypatch.setenv("ENAS4D_QUIET", "0")
+def test_each_epoch_prints_one_line_and_rewrites_the_curves(tmp_path: Path, splits: dict, capsys) -> None:
     args = dict(PRETRAIN, epochs_full=2, epochs_kernel=0, epochs_expand=0)
     curves = tmp_path / "curves.csv"
     train.pretrain(fresh_net(), splits["train"], splits["calib"], splits["val"], ckpt_dir=tmp_path, stop_after=1,
