@@ -7,8 +7,9 @@ ran (written to a temp file, then renamed), so a failed run never leaves a half-
 could take for a result. A failing cell fails the stage with the notebook's own traceback.
 
 Notebooks declare their sections as ``None`` in the parameters cell and pass them to
-``enas4d.config.load("params.yaml", overrides=...)``: run by hand in JupyterLab they read params.yaml,
-run by papermill they get the injected values.
+``enas4d.config.load("params.yaml", overrides=...)``: run by hand in JupyterLab they read params.yaml and
+work in ``scratch/`` (``project_root``), run by papermill they get the injected values and work in the
+checkout. Stage metrics go through ``write_metrics``: numbers for DVC, the whole record beside them.
 """
 
 from __future__ import annotations
