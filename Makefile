@@ -19,7 +19,7 @@ export DVC_SITE_CACHE_DIR ?= $(CURDIR)/.dvc/tmp/site-cache
 # cores, so `make test` waits passively. On a busy shared machine use OMP_WAIT_POLICY=PASSIVE for both.
 test: export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: repro test install data profile
+.PHONY: repro test install data profile smoke
 
 repro: data
 	dvc repro
@@ -49,8 +49,17 @@ data: install
 	  echo "as root: apt-get install dataset-fashion-mnist (or see the options above), then rerun make" >&2; exit 1; \
 	else exit $$rc; fi
 
-profile:
+# A profile runs in a temporary copy of the checkout (its own git repo, so `dvc exp run` works there too):
+# the committed default results are never touched. To adopt a profile here: cp profiles/<name>.yaml params.yaml
+profile: data
 	@test -n "$(P)" || { echo "usage: make profile P=<name>; profiles: $$(ls profiles | sed 's/\.yaml$$//' | tr '\n' ' ')" >&2; exit 2; }
 	@test -f profiles/$(P).yaml || { echo "no profile profiles/$(P).yaml; profiles: $$(ls profiles | sed 's/\.yaml$$//' | tr '\n' ' ')" >&2; exit 2; }
-	cp profiles/$(P).yaml params.yaml
-	@echo "params.yaml is now the '$(P)' profile (git checkout params.yaml restores the default)"
+	@dir=$$(mktemp -d "$${TMPDIR:-/tmp}/enas4d-$(P).XXXXXX") && \
+	git ls-files -co --exclude-standard -z | tar --null -T - --ignore-failed-read -cf - 2>/dev/null | tar -xf - -C "$$dir" && \
+	cd "$$dir" && rm -f dvc.lock && cp profiles/$(P).yaml params.yaml && \
+	git init -q && git add -A && git -c user.name=enas4d -c user.email=enas4d@localhost commit -qm "profile $(P)" && \
+	echo "profile $(P) in $$dir (the checkout here is untouched)" && \
+	DVC_SITE_CACHE_DIR="$$dir/.dvc/tmp/site-cache" dvc repro && echo "profile $(P) results: $$dir/reports"
+
+smoke:
+	@$(MAKE) -s profile P=smoke

@@ -73,6 +73,8 @@ def launch(params: str | Path, workers: int, *, finalize: bool = True) -> Path:
     out = Path(pipeline.DATABASE)
     if database.is_finished(out, bp):
         return out  # this very build is already finished
+    if bp.work.is_dir():
+        bp.set_aside_corrupt()
     pending = [w for w in range(workers) if bp.shards_of(w, workers)]
     if len(pending) == 1:
         pipeline.set_threads(cfg)

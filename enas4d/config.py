@@ -314,13 +314,24 @@ def _scalar(tp: type, value: Any, key: str, source: str, allowed: str) -> Any:
         str: isinstance(value, str),
     }[tp]
     if not ok:
-        hint = " (YAML reads 1e-4 as text: write 1.0e-4)" if tp is float and isinstance(value, str) else ""
+        hint = " (YAML reads 1e-4 as text: write 1.0e-4)" if tp is float and _numeric_text(value) else ""
         raise _fail(source, key, value, allowed + hint)
     if tp is float:
         value = float(value)
         if not math.isfinite(value):
             raise _fail(source, key, value, allowed)
     return value
+
+
+def _numeric_text(value: Any) -> bool:
+    """Text that Python reads as a number but YAML 1.1 does not (``1e-4``), where a hint helps."""
+    if not isinstance(value, str):
+        return False
+    try:
+        float(value)
+    except ValueError:
+        return False
+    return True
 
 
 def _check_range(v: Any, rules: dict, key: str, shown: Any, source: str, allowed: str) -> None:

@@ -28,6 +28,7 @@ import json
 import os
 import shutil
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -168,6 +169,23 @@ class BuildPlan:
         names = self.manifest["shards"]
         return [i for i in range(worker, len(names), workers) if not (self.work / names[i]).exists()]
 
+    def set_aside_corrupt(self, shards: list[int] | None = None) -> list[Path]:
+        """Rename unreadable or inconsistent finished shards (of ``shards``, default all) to ``*.corrupt``
+        with a one-line warning, so the build redoes them instead of failing at the end; return the new names."""
+        aside = []
+        for i in range(len(self.manifest["shards"])) if shards is None else shards:
+            path = self.work / self.manifest["shards"][i]
+            if not path.exists():
+                continue
+            try:
+                _read_shard(path, self.manifest, i * self.manifest["shard_size"])
+            except DatabaseError as err:
+                bad = path.with_name(path.name + ".corrupt")
+                os.replace(path, bad)
+                warnings.warn(f"{err}; set aside as {bad.name}, the shard is built again", stacklevel=2)
+                aside.append(bad)
+        return aside
+
     def arch_range(self, shard: int) -> range:
         size = self.manifest["shard_size"]
         return range(shard * size, min(len(self.archs), (shard + 1) * size))
@@ -206,6 +224,7 @@ def build(msnet, space: SearchSpace, spec, images: torch.Tensor, labels: torch.T
               calib_images=len(calib), batch_size=batch_size, out=out)
     bp.work.mkdir(parents=True, exist_ok=True)
     _write_json(bp.work / "manifest.json", bp.manifest)
+    bp.set_aside_corrupt(list(range(worker, len(bp.manifest["shards"]), workers)))
     todo = bp.shards_of(worker, workers)
     # One resolution's images at a time (ImageNet: 10K images at 224 are 6 GB): each shard's archs run
     # grouped by resolution, so a shard resizes the images at most once per resolution.

@@ -2,12 +2,15 @@
 
 A killed run (or a reader racing a writer: database workers share a manifest) never sees half a file, and
 DVC never takes a truncated output for a result. Temp names come from ``tempfile.mkstemp`` in the target's
-directory (unique across processes and hosts sharing a file system) and keep the target's suffix, so
-writers that pick a format from the name (``np.savez``, ``savefig``, papermill) write the right one.
+directory (unique across processes and hosts sharing a file system), carry the writer's process id (so a
+killed run's leftovers can be told from a live writer's: ``remove_stale_temps``) and keep the target's suffix,
+so writers that pick a format from the name (``np.savez``, ``savefig``, papermill) write the right one.
+git and DVC ignore the names (``.*.tmp``, ``.*.tmp.*`` in .gitignore and .dvcignore).
 """
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import tempfile
@@ -25,7 +28,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=f".tmp{path.suffix}")
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=f".tmp{path.suffix}")
     os.close(fd)
     tmp = Path(name)
     try:
@@ -54,3 +57,29 @@ def write_text(path: str | os.PathLike, text: str) -> Path:
 def write_json(path: str | os.PathLike, obj: Any, indent: int = 2) -> Path:
     """``obj`` as indented JSON (one trailing newline), written atomically."""
     return write_text(path, json.dumps(obj, indent=indent) + "\n")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def remove_stale_temps(path: str | os.PathLike) -> list[Path]:
+    """Delete the temp files of ``path`` whose writer process is gone (a SIGKILLed run cannot clean up after
+    itself; git and DVC ignore the names, and this keeps the folder tidy); return what was removed.
+
+    Only for files one machine writes: a process id says nothing about a writer on another host."""
+    path = Path(path)
+    prefix = f".{path.name}."
+    removed = []
+    for tmp in path.parent.glob(f"{glob.escape(prefix)}*.tmp{glob.escape(path.suffix)}"):
+        pid = tmp.name[len(prefix):].split(".", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+    return removed

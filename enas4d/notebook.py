@@ -7,13 +7,15 @@ ran (written atomically, ``enas4d.files``), so a failed run never leaves a half-
 could take for a result. A failing cell fails the stage with the notebook's own traceback.
 
 Notebooks declare their sections as ``None`` in the parameters cell and pass them to
-``enas4d.config.load("params.yaml", overrides=...)``: run by hand in JupyterLab they read params.yaml,
-run by papermill they get the injected values.
+``enas4d.config.load("params.yaml", overrides=...)``: run by hand in JupyterLab they read params.yaml and
+work in ``scratch/`` (``project_root``), run by papermill they get the injected values and work in the
+checkout. Stage metrics go through ``write_metrics``: numbers for DVC, the whole record beside them.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from pathlib import Path
@@ -22,6 +24,9 @@ from typing import Any
 from enas4d import config, files
 
 OUT_DIR = Path("reports/notebooks")
+PIPELINE_ENV = "ENAS4D_PIPELINE"  # set for the kernels ``run`` starts: params were injected
+SCRATCH = "scratch"
+_NOT_MIRRORED = {".git", ".venv", ".dvc", SCRATCH, ".pytest_cache"}
 
 
 class NotebookError(RuntimeError):
@@ -29,21 +34,71 @@ class NotebookError(RuntimeError):
 
 
 def project_root(start: str | Path | None = None) -> Path:
-    """The nearest directory at or above ``start`` (default: cwd) that holds dvc.yaml.
+    """The directory a notebook works in: the nearest one at or above ``start`` (default: cwd) holding dvc.yaml,
+    or, for a notebook run by hand (not by ``run``, so no params were injected), its scratch copy ``scratch_root``.
 
     Notebooks ``os.chdir`` there first, so the same relative paths work under papermill (run from the
-    root) and in JupyterLab (where the kernel starts in ``notebooks/``).
+    root) and in JupyterLab (where the kernel starts in ``notebooks/``), and a hand run never rewrites
+    the pipeline's tracked results.
     """
     here = Path(start or Path.cwd()).resolve()
     for d in (here, *here.parents):
         if (d / "dvc.yaml").is_file():
+            if start is None and os.environ.get(PIPELINE_ENV) != "1" and SCRATCH not in d.parts:
+                return scratch_root(d)
             return d
     raise FileNotFoundError(f"{here}: no dvc.yaml here or above; open the notebook from the enas4d checkout")
+
+
+def scratch_root(root: Path) -> Path:
+    """``<root>/scratch/``: a mirror of the checkout in which every file is a symlink to the real one.
+
+    Reads follow the links; every writer here writes a temp file and renames it over the path, which
+    replaces the link and never touches the real file, so a hand run's outputs stay in scratch/ (ignored by
+    git and DVC). Files a hand run wrote are kept; links are refreshed on every call."""
+    scratch = root / SCRATCH
+    for dirpath, dirnames, filenames in os.walk(root):
+        rel = Path(dirpath).relative_to(root)
+        dirnames[:] = [d for d in dirnames if not (rel == Path(".") and d in _NOT_MIRRORED) and d != "__pycache__"]
+        (scratch / rel).mkdir(parents=True, exist_ok=True)
+        for name in filenames:
+            link = scratch / rel / name
+            if link.is_symlink() or not link.exists():
+                link.unlink(missing_ok=True)
+                link.symlink_to(Path(dirpath, name))
+    print(f"run by hand (no papermill parameters): working in {scratch}; the pipeline's files are read, "
+          "never written", file=sys.stderr)
+    return scratch
 
 
 def write_json(path: str | Path, obj: Any) -> Path:
     """Write ``obj`` as indented JSON atomically; for DVC metrics files."""
     return files.write_json(path, obj)
+
+
+DETAILS_DIR = Path("reports/details")
+METRICS_DIR = Path("reports/metrics")
+
+
+def numeric_only(obj: dict[str, Any]) -> dict[str, Any]:
+    """The finite numbers of ``obj`` (nested dicts kept, lists, text, booleans and None left out): what
+    ``dvc metrics show`` and ``dvc exp show`` can put in a column."""
+    out: dict[str, Any] = {}
+    for key, value in obj.items():
+        if isinstance(value, dict):
+            inner = numeric_only(value)
+            if inner:
+                out[key] = inner
+        elif isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            out[key] = value
+    return out
+
+
+def write_metrics(name: str, obj: dict[str, Any]) -> Path:
+    """``reports/metrics/<name>.json``: the numbers of ``obj`` only (DVC metrics); the whole record (archs,
+    lists, text) goes to ``reports/details/<name>.json``, which later stages read. Returns the details path."""
+    write_json(METRICS_DIR / f"{name}.json", numeric_only(obj))
+    return write_json(DETAILS_DIR / f"{name}.json", obj)
 
 
 def save_figure(fig: Any, path: str | Path, dpi: int = 120) -> Path:
@@ -76,6 +131,8 @@ def run(notebook: str | Path, params: str | Path = "params.yaml", out_dir: str |
         raise NotebookError(f"{notebook}: notebook not found")
     values = parameters(notebook, params)
     out = Path(out_dir) / notebook.name
+    files.remove_stale_temps(out)
+    os.environ[PIPELINE_ENV] = "1"  # the kernel inherits it: project_root() is the checkout itself
     try:
         with files.atomic_path(out) as tmp:
             papermill.execute_notebook(str(notebook), str(tmp), parameters=values, kernel_name="python3",

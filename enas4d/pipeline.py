@@ -38,6 +38,7 @@ PREDICTOR_COND = CHECKPOINTS / "predictor_cond.pt"
 # stage, and a killed `dvc repro` must find the last finished epoch again.
 RESUME = CHECKPOINTS / ".resume"
 DATABASE = Path("databases/confidence")
+CURVES = Path("reports/plots")  # per-epoch training curves (dvc plots), rewritten after every epoch
 SEARCHED = Path("searched/archs.json")
 # Per-epoch validation curves use this many metric-set images: enough to see a trend, cheap every epoch.
 VAL_IMAGES = 2000
@@ -231,9 +232,10 @@ def run_stage(cfg: config.Config, stage: str, micro_batches: int = 1) -> train.T
     calib, val = calib_split(cfg, splits_["train"]), val_split(cfg, splits_["metric"])
     if stage == "pretrain":
         return train.pretrain(new_supernet(cfg), splits_["train"], calib, val, cfg.pretrain,
-                              ckpt_dir=resume_dir("supernet"), seed=cfg.seed, out=SUPERNET, micro_batches=micro_batches)
+                              ckpt_dir=resume_dir("supernet"), seed=cfg.seed, out=SUPERNET, micro_batches=micro_batches,
+                              curves=CURVES / "pretrain.csv")
     if stage == "finetune":
         return train.finetune(load_supernet(cfg), splits_["train"], calib, val, cfg.finetune,
                               ckpt_dir=resume_dir("finetune"), seed=cfg.seed, out=MULTISTAGE,
-                              micro_batches=micro_batches)
+                              micro_batches=micro_batches, curves=CURVES / "finetune.csv")
     raise ValueError(f"unknown stage {stage!r}; stages are pretrain, finetune")

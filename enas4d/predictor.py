@@ -7,6 +7,10 @@ Two choices beyond the paper:
 - **Standardized targets.** Best R values of different archs differ by ~1e-2 around ~0.9; the network
   learns ``(R - mean) / std`` (mean/std of the training rows, stored in the model), so the loss sees the
   differences between archs rather than the offset. ``standardize=False`` trains on raw R for comparison.
+  Scaling (targets and conditions) is scikit-learn's ``StandardScaler``, RMSE its ``root_mean_squared_error``,
+  Kendall tau scipy's. The arch split stays a numpy ``default_rng(seed)`` permutation: scikit-learn's
+  ``train_test_split`` draws from the legacy ``RandomState``, which would hold out other archs than the
+  committed run did (the numbers would move by chance, not by method).
 - **Conditional predictor.** With ``cond`` (one ``(omega, target)`` pair per column of ``y``) the network also
   takes the normalized pair as input and is trained on every (arch, pair) row, so one model predicts R for
   an omega or target it was not trained on, without retraining.
@@ -23,6 +27,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from scipy.stats import kendalltau
+from sklearn.metrics import root_mean_squared_error
+from sklearn.preprocessing import StandardScaler
 from torch import nn
 
 from enas4d.files import atomic_write
@@ -143,13 +149,15 @@ def train_predictor(X: np.ndarray, y: np.ndarray, *, hidden: Sequence[int], lr: 
         torch.manual_seed(seed)
         model = MetricPredictor(X.shape[1], hidden, 0 if cond is None else cond.shape[1])
         gen = torch.Generator().manual_seed(seed)
+    # scikit-learn's StandardScaler: population std, and scale 1 for a constant column (a single omega)
     if standardize:
-        model.y_mean.fill_(float(yt.mean()))
-        model.y_std.fill_(max(float(yt.std()), 1e-12))
+        y_scaler = StandardScaler().fit(yt.reshape(-1, 1))
+        model.y_mean.fill_(float(y_scaler.mean_[0]))
+        model.y_std.fill_(max(float(y_scaler.scale_[0]), 1e-12))
     if cond is not None:
-        model.cond_mean.copy_(torch.from_numpy(cond.mean(0)))
-        spread = cond.std(0)
-        model.cond_std.copy_(torch.from_numpy(np.where(spread > 0, spread, 1.0)))
+        c_scaler = StandardScaler().fit(cond)
+        model.cond_mean.copy_(torch.from_numpy(c_scaler.mean_))
+        model.cond_std.copy_(torch.from_numpy(c_scaler.scale_))
 
     xt_t = torch.from_numpy(xt)
     ct_t = None if ct is None else torch.from_numpy(ct).float()
@@ -188,13 +196,14 @@ def evaluate_predictor(model: MetricPredictor, X: np.ndarray, y: np.ndarray,
     pred = np.stack([predict(model, X, c) for c in ([None] if cond is None else cond)], axis=1)
     per = []
     for p in range(true.shape[1]):
-        entry = {"rmse": float(np.sqrt(np.mean((pred[:, p] - true[:, p]) ** 2))),
+        entry = {"rmse": float(root_mean_squared_error(true[:, p], pred[:, p])),
                  "kendall_tau": float(kendalltau(true[:, p], pred[:, p]).statistic)}
         if cond is not None:
             entry.update(omega=float(cond[p, 0]), target=float(cond[p, 1]))
         per.append(entry)
     rows = None if cond is None else np.tile(cond, (len(X), 1))  # arch-major, as _rows
-    return PredictorEval(float(np.sqrt(np.mean((pred - true) ** 2))), float(np.mean([e["kendall_tau"] for e in per])),
+    return PredictorEval(float(root_mean_squared_error(true.reshape(-1), pred.reshape(-1))),
+                         float(np.mean([e["kendall_tau"] for e in per])),
                          true.reshape(-1), pred.reshape(-1), rows, per)
 
 

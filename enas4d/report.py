@@ -36,8 +36,9 @@ from enas4d.data import image_grid
 from enas4d.evaluate import deploy, memory_format
 from enas4d.files import atomic_path, write_text
 from enas4d.multistage import ExitResult, MultiStageNet
-from enas4d.space import MultiStageArch, SubnetArch
+from enas4d.space import MultiStageArch, SearchSpace, SubnetArch
 from enas4d.supernet import resize
+from enas4d.thresholds import metric_r
 
 EXITS = Path("evaluations/test_early_exit.npz")  # per-image early exits of the searched nets (Table 1's run)
 IMAGENET_SOURCES = Path("reports/figures/figure5_imagenet_sources.csv")  # Figure 5's cited points of other methods
@@ -107,6 +108,26 @@ def span(values: Sequence[float] | np.ndarray, fmt: str = "{:.2f}") -> str:
     return lo if lo == hi else f"{lo}–{hi}"
 
 
+def against_targets(names: Sequence[str], costs: Sequence[float], targets: Sequence[float], unit: str) -> str:
+    """How many nets stay at or under their cost target, compared exactly (unrounded), and by how much each
+    other one is over: 'at or under their cost target: 2 of 4; over it: A by 9.68% (1.09676 vs 1 MMACs), ...'."""
+    over = [(n, c, t) for n, c, t in zip(names, costs, targets, strict=True) if c > t]
+    text = f"{len(names) - len(over)} of {len(names)} stay at or under their cost target"
+    if over:
+        text += "; over it: " + ", ".join(f"{n} by {100 * (c / t - 1):.2g}% ({c:.6g} vs {t:g} {unit})"
+                                          for n, c, t in over)
+    return text
+
+
+def rate_with_interval(hits: int, n: int) -> str:
+    """A rate with its count and 95% Wilson interval, for rates resting on few images:
+    '72.2% of 54 images (95% CI 59.1-82.4%)'."""
+    if n == 0:
+        return "no images"
+    lo, hi = wilson_pct([100 * hits / n], n)
+    return f"{100 * hits / n:.1f}% of {n} images (95% CI {lo[0]:.1f}-{hi[0]:.1f}%)"
+
+
 def network_names(n: int) -> list[str]:
     """A, B, C, ... for the searched nets in target order, as the paper names ENAS4D-A..D."""
     if not 0 < n <= 26:
@@ -125,8 +146,9 @@ class Searched:
     metric_set: dict  # r, acc, cost (MMACs) [, exit_fractions] on the metric set
 
 
-def load_searched(path: str | Path, cfg: config.Config) -> tuple[list[Searched], list[Searched]]:
-    """The multi-stage and static nets of the search stage's file, checked against params.yaml's ``search``."""
+def load_searched(path: str | Path, cfg: config.Config, space: SearchSpace) -> tuple[list[Searched], list[Searched]]:
+    """The multi-stage and static nets of the search stage's file, checked against params.yaml's ``search`` and
+    its search space ``space`` (``pipeline.space(cfg)``)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: not found; run the search stage first (dvc repro search)")
@@ -141,11 +163,32 @@ def load_searched(path: str | Path, cfg: config.Config) -> tuple[list[Searched],
                           tuple(float(t) for t in e["thresholds"]), dict(e["metric_set"])) for e in raw["multistage"]]
         static = [Searched(float(e["target"]), SubnetArch.from_dict(e["arch"]), (), dict(e["metric_set"]))
                   for e in raw["static"]]
-    except (KeyError, TypeError, json.JSONDecodeError) as err:
+    except (KeyError, TypeError, ValueError) as err:  # JSONDecodeError is a ValueError
+        if isinstance(err, ValueError) and str(err).startswith(f"{path}: "):
+            raise
         raise ValueError(f"{path}: not a searched-archs file ({type(err).__name__}: {err})") from None
     if [s.target for s in multi] != list(cfg.search.targets):
         raise ValueError(f"{path}: multistage targets {[s.target for s in multi]} differ from search.targets")
+    _check_searched(path, space, multi, static)
     return multi, static
+
+
+def _check_searched(path: Path, space: SearchSpace, multi: list[Searched], static: list[Searched]) -> None:
+    """Thresholds in [0, 1], one per stage but the last, and every arch inside params.yaml's search space."""
+    for kind, nets in (("multistage", multi), ("static", static)):
+        for i, net in enumerate(nets):
+            where = f"{path}: {kind}[{i}] (target {net.target:g})"
+            if kind == "multistage":
+                if len(net.thresholds) != space.stages - 1:
+                    raise ValueError(f"{where}: {len(net.thresholds)} thresholds; finetune.stages = {space.stages} "
+                                     f"needs {space.stages - 1}")
+                bad = [t for t in net.thresholds if not 0 <= t <= 1]
+                if bad:
+                    raise ValueError(f"{where}: threshold {bad[0]:g} outside [0, 1]")
+            try:
+                space.check(net.arch) if kind == "multistage" else space.check_subnet(net.arch)
+            except ValueError as err:
+                raise ValueError(f"{where}: arch outside the search space of params.yaml ({err})") from None
 
 
 @torch.no_grad()
@@ -165,6 +208,17 @@ def measure_early_exit(msnet: MultiStageNet, arch: MultiStageArch, thresholds: t
         x = resize(images[i:i + batch_size].to(dev), arch.resolution).contiguous(memory_format=fmt)
         parts.append(net.early_exit(x, thresholds))
     return ExitResult(*(torch.cat([getattr(p, f) for p in parts]).cpu() for f in ("pred", "exit_stage", "macs")))
+
+
+def headline(nets: Sequence[dict], omega: float) -> dict[str, dict[str, float]]:
+    """Per cost target the searched net's test top-1, average MMACs, R and stage-1 exit fraction, as flat
+    numbers (``reports/metrics/headline.json``: the columns `dvc exp show` compares across experiments).
+
+    ``nets`` are Table 1's records (``target_mmacs``, ``top1``, ``avg_mmacs``, ``exit_fractions``)."""
+    return {f"target_{float(n['target_mmacs'])}": {
+        "top1": n["top1"], "mmacs": n["avg_mmacs"],
+        "R": metric_r(n["top1"], n["avg_mmacs"], n["target_mmacs"], omega),
+        "exit1": n["exit_fractions"][0]} for n in nets}
 
 
 def save_exits(path: str | Path, labels: np.ndarray, runs: dict[str, ExitResult]) -> Path:
@@ -221,6 +275,44 @@ def write_table(df: pd.DataFrame, stem: str | Path, *, title: str, reading: str,
 def write_csv(df: pd.DataFrame, path: str | Path) -> Path:
     """``df`` as CSV (no index), written atomically: the numbers behind a table or figure."""
     return write_text(Path(path), df.to_csv(index=False))
+
+
+FIGURE5_SERIES = ("ENAS4D (sweep)", "best static subnet", "cascade without reuse", "ENAS4D (Table 1)",
+                  "random multi-stage")
+
+
+def series_file(name: str) -> str:
+    """File name of a series' own CSV: ``ENAS4D (sweep)`` -> ``enas4d-sweep.csv``."""
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") + ".csv"
+
+
+def write_series(points: pd.DataFrame, out_dir: str | Path, names: Sequence[str] = FIGURE5_SERIES) -> list[Path]:
+    """One CSV per series of ``points`` (``series``, ``avg_mmacs``, ``top1_pct``, ...), in cost order: ``dvc plots``
+    colours a plot by file, so a file per series gives a colour per series."""
+    out = []
+    for name in names:
+        rows = points[points.series == name].sort_values("avg_mmacs")
+        keep = [c for c in ("label", "target_mmacs", "avg_mmacs", "top1_pct", "top1_low_pct", "top1_high_pct")
+                if c in rows]
+        out.append(write_csv(rows[keep], Path(out_dir) / series_file(name)))
+    return out
+
+
+def with_wilson(points: pd.DataFrame, n: int) -> pd.DataFrame:
+    """``points`` with ``top1_low_pct``/``top1_high_pct``: 95% Wilson intervals (``wilson_pct``, rounded as the
+    figure shows them) of this run's rows (panel 0), whose top-1 was measured on ``n`` test images; the paper's
+    and the sourced numbers (panel 1) come without image counts, so theirs stay empty."""
+    out = points.copy()
+    ours = out.panel == 0
+    low, high = wilson_pct(out.top1_pct[ours], n)
+    out.loc[ours, "top1_low_pct"], out.loc[ours, "top1_high_pct"] = low.round(2), high.round(2)
+    return out
+
+
+def write_points(points: pd.DataFrame, csv: str | Path, series_dir: str | Path) -> list[Path]:
+    """Figure 5's numbers: every point in ``csv``, and this run's series one file each in ``series_dir``
+    (``write_series``, for ``dvc plots``); returns the paths written."""
+    return [write_csv(points, csv), *write_series(points[points.panel == 0], series_dir)]
 
 
 def write_figure(fig, png: str | Path, *, title: str, reading: str, notes: Sequence[str] = (),
@@ -362,19 +454,40 @@ _STYLES: dict[str, dict] = {
 _CYCLE = ("tab:purple", "tab:orange", "tab:brown", "tab:pink", "tab:olive", "tab:cyan", "tab:blue")
 
 
+def wilson_pct(top1_pct: Sequence[float] | np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """95% Wilson score interval (%) of top-1 rates measured on ``n`` images (scipy's binomial test):
+    the error bars of Figure 5 and the intervals the readings quote where a rate rests on few images."""
+    from scipy.stats import binomtest
+
+    lo, hi = [], []
+    for p in np.asarray(top1_pct, dtype=np.float64):
+        if not np.isfinite(p) or n <= 0:
+            lo.append(np.nan)
+            hi.append(np.nan)
+            continue
+        ci = binomtest(int(round(p / 100 * n)), n).proportion_ci(0.95, method="wilson")
+        lo.append(100 * ci.low)
+        hi.append(100 * ci.high)
+    return np.array(lo), np.array(hi)
+
+
 def plot_accuracy_vs_macs(points: pd.DataFrame, *, left_title: str, right_title: str):
     """Figure 5: top-1 (%) against average MACs (M), one panel per ``points.panel`` value (0 ours, 1 ImageNet).
 
-    ``points`` has columns panel, series, avg_mmacs, top1_pct. Series in ``_STYLES`` keep their style
-    (lines join a series' points in MACs order); any other series (methods of other papers) gets a marker
-    of its own. A panel whose MACs span more than 10x uses a log axis.
+    ``points`` has columns panel, series, avg_mmacs, top1_pct, and optionally top1_low_pct/top1_high_pct
+    (95% binomial intervals, drawn as error bars). Series in ``_STYLES`` keep their style (lines join a
+    series' points in MACs order); any other series (methods of other papers) gets a marker of its own.
+    A panel whose MACs span more than 10x uses a log axis, and its x label says so. Seaborn's whitegrid style.
     """
     import matplotlib.pyplot as plt
+    import seaborn as sns
 
     missing = {"panel", "series", "avg_mmacs", "top1_pct"} - set(points.columns)
     if missing:
         raise ValueError(f"figure 5 points lack columns {sorted(missing)}")
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
+    with sns.axes_style("whitegrid"):
+        fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
+    palette = sns.color_palette("colorblind")
     for panel, (ax, title) in enumerate(zip(axes, (left_title, right_title))):
         part = points[points.panel == panel]
         others = 0
@@ -382,13 +495,18 @@ def plot_accuracy_vs_macs(points: pd.DataFrame, *, left_title: str, right_title:
             rows = rows.sort_values("avg_mmacs")
             style = _STYLES.get(series)
             if style is None:
-                style = dict(color=_CYCLE[others % len(_CYCLE)], marker="DPXhv<>"[others % 7], ls="", ms=9)
+                style = dict(color=palette[others % len(palette)], marker="DPXhv<>"[others % 7], ls="", ms=9)
                 others += 1
             ax.plot(rows.avg_mmacs, rows.top1_pct, label=series, **style)
-        if len(part) and part.avg_mmacs.max() > 10 * part.avg_mmacs.min():
+            if {"top1_low_pct", "top1_high_pct"} <= set(rows) and rows.top1_low_pct.notna().any():
+                err = np.vstack([rows.top1_pct - rows.top1_low_pct, rows.top1_high_pct - rows.top1_pct])
+                ax.errorbar(rows.avg_mmacs, rows.top1_pct, yerr=err, fmt="none", ecolor=style["color"],
+                            elinewidth=0.8, capsize=2, alpha=style.get("alpha", 0.8), zorder=style.get("zorder", 2))
+        log = bool(len(part) and part.avg_mmacs.max() > 10 * part.avg_mmacs.min())
+        if log:
             ax.set_xscale("log")
-        ax.set_xlabel("average MACs (M)")
-        ax.set_ylabel("top-1 (%)")
+        ax.set_xlabel("average MACs per image (M, log scale)" if log else "average MACs per image (M, linear scale)")
+        ax.set_ylabel("top-1 (%)" + (", 95% Wilson intervals" if "top1_low_pct" in part else ""))
         ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=8, loc="best")

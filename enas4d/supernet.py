@@ -426,8 +426,15 @@ def load_ofa_state_dict(model: OFAMobileNetV3, source: str | os.PathLike | Mappi
     Any other missing or extra key or a shape mismatch raises ValueError naming the key.
     """
     where = os.fspath(source) if isinstance(source, (str, os.PathLike)) else "OFA state dict"
-    obj = torch.load(source, map_location="cpu", weights_only=True) if isinstance(source, (str, os.PathLike)) \
-        else source
+    obj = source
+    if isinstance(source, (str, os.PathLike)):
+        try:
+            obj = torch.load(source, map_location="cpu", weights_only=True)
+        except FileNotFoundError:
+            raise ValueError(f"{where}: file not found") from None
+        except Exception as err:  # a corrupt or foreign file: torch raises many kinds
+            # (never torch's own advice to retry with weights_only=False: that would run the file's pickled code)
+            raise ValueError(f"{where}: corrupt or not a torch state dict ({type(err).__name__})") from None
     if isinstance(obj, Mapping) and "state_dict" in obj:
         obj = obj["state_dict"]
     if not isinstance(obj, Mapping):

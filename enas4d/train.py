@@ -31,6 +31,7 @@ import hashlib
 import json
 import os
 import random
+import sys
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -113,6 +114,15 @@ def save_checkpoint(path: str | os.PathLike, state: Mapping[str, Any]) -> None:
     atomic_write(path, lambda f: torch.save(dict(state), f))
 
 
+def load_error(err: Exception) -> str:
+    """torch.load's error in a few words: its first sentence, except that the advice to retry with
+    ``weights_only=False`` (running a file's pickled code) is never right for a file this project reads."""
+    first = str(err).strip().split("\n")[0].split(". ")[0].strip()
+    if not first or "weights_only" in first or "Weights only" in first:
+        return f"{type(err).__name__}: not a file of plain tensors and values"
+    return f"{type(err).__name__}: {first}"
+
+
 def load_checkpoint(path: str | os.PathLike, required: Sequence[str] = ()) -> dict[str, Any]:
     """A checkpoint dict read with ``weights_only=True``; CheckpointError naming the file if unusable."""
     path = Path(path)
@@ -121,8 +131,7 @@ def load_checkpoint(path: str | os.PathLike, required: Sequence[str] = ()) -> di
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch.load raises many types (zip, pickle, EOF, runtime): all mean "corrupt"
-        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
-        raise CheckpointError(f"{path}: corrupt or not a torch checkpoint ({type(err).__name__}: {first})") from None
+        raise CheckpointError(f"{path}: corrupt or not a torch checkpoint ({load_error(err)})") from None
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: expected a dict checkpoint, got {type(obj).__name__}")
     missing = [k for k in required if k not in obj]
@@ -160,6 +169,19 @@ def history_to_csv(history: Sequence[Mapping[str, Any]], path: str | os.PathLike
         w.writerows(history)
 
     atomic_write(path, write, "w")
+
+
+def progress_line(what: str, row: Mapping[str, Any]) -> str:
+    """One line per epoch: loss, every validation top-1, seconds; printed to the cell output (kept in the
+    executed notebook) and, inside a notebook kernel, to the kernel's own stderr as well: papermill keeps
+    cell output out of the terminal, and the kernel's stderr is the terminal of `dvc repro`."""
+    vals = ", ".join(f"{k} {v:.4f}" for k, v in row.items() if k.startswith("val_top1"))
+    line = f"{what}: loss {row.get('loss', float('nan')):.4f}" + (f", {vals}" if vals else "") + \
+        f", {row.get('seconds', float('nan')):.0f} s"
+    print(line, flush=True)  # a line per epoch, even with ENAS4D_QUIET=1 (which silences the bars)
+    if sys.__stderr__ is not None and sys.stderr is not sys.__stderr__:
+        print(line, file=sys.__stderr__, flush=True)
+    return line
 
 
 def weights_digest(model: nn.Module) -> str:
@@ -271,8 +293,15 @@ def _resume_state(last: Path, kind: str, fingerprint: dict[str, Any]) -> dict[st
     """The checkpoint to resume from, or None when there is none or it belongs to a run with other settings."""
     if not last.exists():
         return None
-    ck = load_checkpoint(last, ("format", "kind", "fingerprint", "phase", "epoch", "step", "model", "optimizer",
-                                "scheduler", "teacher", "rng", "history"))
+    try:
+        ck = load_checkpoint(last, ("format", "kind", "fingerprint", "phase", "epoch", "step", "model", "optimizer",
+                                    "scheduler", "teacher", "rng", "history"))
+    except CheckpointError as err:  # e.g. a disk that filled up: not worth a dead end, the epochs are redone
+        if distributed.context().main:
+            aside = last.with_name(last.name + ".corrupt")
+            os.replace(last, aside)
+            warnings.warn(f"{err}; set aside as {aside}, training starts over", stacklevel=4)
+        return None
     if ck["format"] != TRAIN_FORMAT or ck["kind"] != kind:
         raise CheckpointError(f"{last}: holds a {ck['kind']!r} run ({ck['format']}); use another ckpt_dir for {kind!r}")
     old = json.loads(json.dumps(ck["fingerprint"]))
@@ -353,8 +382,12 @@ def _train_epoch(task: _Task, pi: int, epoch: int, desc: str, model: nn.Module, 
 def _run(kind: str, model: OFAMobileNetV3, phases: Sequence[_Phase], task: _Task,
          evaluate: Callable[[int], dict[str, float]], on_phase_start: Callable[[int], None], train_split: Split, *,
          batch_size: int, seed: int, augment: bool, optim: dict[str, Any], ckpt_dir: str | os.PathLike,
-         fingerprint: dict[str, Any], stop_after: int | None, run: _Execution) -> TrainResult:
+         fingerprint: dict[str, Any], stop_after: int | None, run: _Execution,
+         curves: str | os.PathLike | None = None) -> TrainResult:
     """Train ``phases`` in order with per-epoch checkpoints in ``ckpt_dir/last.pt``, resuming from it.
+
+    After every epoch one line of its numbers reaches the terminal (``progress_line``) and, with ``curves``,
+    the history so far is rewritten there as CSV, so a long stage shows its curves while it runs.
 
     ``on_phase_start(i)`` runs when phase ``i`` starts afresh (not when resumed in its middle);
     ``evaluate(i)`` adds validation metrics to each epoch's history row. Under torchrun every rank runs
@@ -406,6 +439,10 @@ def _run(kind: str, model: OFAMobileNetV3, phases: Sequence[_Phase], task: _Task
             history.append({"phase": ph.name, "epoch": epoch + 1, "global_epoch": len(history) + 1,
                             "step": global_step, **metrics, **evaluate(pi), "seconds": time.perf_counter() - start})
             if ctx.main:
+                what = kind if ph.name == kind else f"{kind} {ph.name}"
+                progress_line(f"{what} epoch {epoch + 1}/{ph.epochs}", history[-1])
+                if curves is not None:
+                    history_to_csv(history, curves)
                 save_checkpoint(last, {
                     "format": TRAIN_FORMAT, "kind": kind, "fingerprint": fingerprint, "phase": ph.name,
                     "epoch": epoch + 1, "step": global_step, "model": model.state_dict(),
@@ -447,7 +484,8 @@ def phase_space(space: SearchSpace, phase: str) -> SearchSpace:
 
 def pretrain(supernet: OFAMobileNetV3, train_split: Split, calib_split: Split, val_split: Split | None,
              settings: config.PretrainConfig, *, ckpt_dir: str | os.PathLike, seed: int, micro_batches: int = 1,
-             out: str | os.PathLike | None = None, stop_after: int | None = None) -> TrainResult:
+             out: str | os.PathLike | None = None, stop_after: int | None = None,
+             curves: str | os.PathLike | None = None) -> TrainResult:
     """OFA progressive shrinking of ``supernet`` (in place, on its device); writes ``out`` when complete.
 
     Loss per sampled subnet: label-smoothed CE + ``kd_ratio`` x KD towards the teacher (the largest
@@ -516,7 +554,7 @@ def pretrain(supernet: OFAMobileNetV3, train_split: Split, calib_split: Split, v
     result = _run("pretrain", supernet, phases, _Task(sample, loss, biggest), evaluate, on_phase_start,
                   train_split, batch_size=batch_size, seed=seed, augment=augment,
                   optim=dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay),
-                  ckpt_dir=ckpt_dir, fingerprint=fingerprint, stop_after=stop_after, run=run)
+                  ckpt_dir=ckpt_dir, fingerprint=fingerprint, stop_after=stop_after, run=run, curves=curves)
     if result.complete and distributed.context().main:
         save_supernet(out or Path(ckpt_dir) / "supernet.pt", supernet, result.history)
     return result
@@ -534,7 +572,7 @@ def curve_archs(space: SearchSpace, n: int, seed: int) -> list[MultiStageArch]:
 def finetune(supernet: OFAMobileNetV3, train_split: Split, calib_split: Split, val_split: Split | None,
              settings: config.FinetuneConfig, *, ckpt_dir: str | os.PathLike, seed: int, micro_batches: int = 1,
              label_smoothing: float = 0.1, out: str | os.PathLike | None = None,
-             stop_after: int | None = None) -> TrainResult:
+             stop_after: int | None = None, curves: str | os.PathLike | None = None) -> TrainResult:
     """The paper's fine-tuning for dynamic inference, in place; writes ``out`` when complete.
 
     Each step samples a multi-stage arch of ``stages`` stages uniformly, runs ``MultiStageNet`` (all
@@ -589,7 +627,7 @@ def finetune(supernet: OFAMobileNetV3, train_split: Split, calib_split: Split, v
     result = _run("finetune", supernet, [_Phase("finetune", epochs, kd_ratio > 0)], _Task(sample, loss, biggest),
                   evaluate, lambda pi: None, train_split, batch_size=batch_size, seed=seed, augment=augment,
                   optim=dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay),
-                  ckpt_dir=ckpt_dir, fingerprint=fingerprint, stop_after=stop_after, run=run)
+                  ckpt_dir=ckpt_dir, fingerprint=fingerprint, stop_after=stop_after, run=run, curves=curves)
     if result.complete and distributed.context().main:
         save_supernet(out or Path(ckpt_dir) / "multistage.pt", supernet, result.history, space)
     return result

@@ -53,6 +53,18 @@ def test_same_seed_same_database_and_workers_resume(tmp_path):
     assert merged.archs == whole.archs
 
 
+def test_a_corrupt_partial_shard_is_set_aside_and_rebuilt(tmp_path):
+    whole = database.load(build(tmp_path / "a"))
+    partial = build(tmp_path / "b", worker=0, workers=2)
+    shard = partial / "shard-00002.npz"
+    shard.write_bytes(shard.read_bytes()[:100])  # truncated
+    with pytest.warns(UserWarning, match=r"shard-00002\.npz: unreadable shard .*set aside as shard-00002\.npz\.corrupt"):
+        build(tmp_path / "b", worker=0, workers=2)
+    assert (partial / "shard-00002.npz.corrupt").is_file()
+    build(tmp_path / "b", worker=1, workers=2)
+    np.testing.assert_array_equal(database.load(tmp_path / "b").conf, whole.conf)
+
+
 def test_bad_databases_fail_naming_the_file(tmp_path):
     out = build(tmp_path / "db")
     shard = out / "shard-00001.npz"

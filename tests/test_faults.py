@@ -103,17 +103,28 @@ def test_pretrain_killed_after_its_first_checkpoint_resumes_to_the_same_weights(
         assert {k: v for k, v in ra.items() if "seconds" not in k} == {k: v for k, v in rb.items() if "seconds" not in k}
 
 
-def test_truncated_checkpoints_fail_with_one_line_naming_the_file(
+def test_corrupt_resume_state_is_redone_and_a_corrupt_input_fails_in_one_line(
         prepared: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
     root = project(tmp_path / "p", prepared, pretrain={**PRETRAIN, "epochs_kernel": 0, "epochs_expand": 0})
     monkeypatch.chdir(root)
     assert cli.main(["train", "pretrain", "--params", "params.yaml"]) == 0
     capsys.readouterr()
-    for path, stage in ((pipeline.resume_dir("supernet") / "last.pt", "pretrain"), (pipeline.SUPERNET, "finetune")):
-        path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
-        assert cli.main(["train", stage, "--params", "params.yaml"]) == 1
-        err = capsys.readouterr().err
-        assert err.startswith(f"error: {path}: corrupt or not a torch checkpoint (") and err.count("\n") == 1, err
+    # a corrupt resume checkpoint is set aside with a warning and the epochs are trained again
+    resume = pipeline.resume_dir("supernet") / "last.pt"
+    trained = train.load_supernet(pipeline.SUPERNET)
+    resume.write_bytes(resume.read_bytes()[:resume.stat().st_size // 2])
+    with pytest.warns(UserWarning, match=f"{resume}: corrupt .*set aside as {resume}.corrupt, training starts over"):
+        assert cli.main(["train", "pretrain", "--params", "params.yaml"]) == 0
+    assert resume.with_name("last.pt.corrupt").is_file() and resume.is_file()
+    again = train.load_supernet(pipeline.SUPERNET)
+    assert train.weights_digest(again) == train.weights_digest(trained), "redone to the same weights"
+    # a corrupt stage output (an input of the next stage) fails in one line naming it
+    path = pipeline.SUPERNET
+    path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
+    capsys.readouterr()
+    assert cli.main(["train", "finetune", "--params", "params.yaml"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {path}: corrupt or not a torch checkpoint (") and err.count("\n") == 1, err
 
 
 def worker_pid(worker: int) -> int | None:

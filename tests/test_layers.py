@@ -18,7 +18,7 @@ LAYERS = {
     3: {"enas4d.database", "enas4d.thresholds", "enas4d.predictor", "enas4d.evolution", "enas4d.encoding",
         "enas4d.search"},  # search
     4: {"enas4d.report", "enas4d.baselines", "enas4d.latency", "enas4d.table4"},  # reports
-    5: {"enas4d.pipeline", "enas4d.notebook", "enas4d.cli"},  # the notebooks' glue and the command line
+    5: {"enas4d.pipeline", "enas4d.notebook", "enas4d.cli", "enas4d.validate"},  # notebooks' glue, entry points
 }
 LAYER = {m: layer for layer, ms in LAYERS.items() for m in ms}
 GLUE = {"enas4d.pipeline", "enas4d.notebook"}

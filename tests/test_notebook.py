@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import re
+import subprocess
 from pathlib import Path
 
 import nbformat
@@ -13,7 +15,7 @@ import pytest
 import yaml
 from conftest import ROOT
 
-from enas4d import notebook, progress
+from enas4d import files, notebook, progress
 
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 STAGES = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
@@ -144,3 +146,58 @@ def test_progress_bar_respects_quiet(monkeypatch) -> None:
     b = progress.bar(range(3), desc="x", file=io.StringIO())
     assert not b.disable and list(b) == [0, 1, 2]
     assert progress.bar(total=2, disable=True).disable
+
+
+def test_a_killed_runs_temp_notebook_is_ignored_and_cleaned_up(tmp_path: Path) -> None:
+    out = tmp_path / "reports" / "notebooks" / "01_x.ipynb"
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    with files.atomic_path(out) as live:  # the temp name files.atomic_path gives, with this process's id
+        live.write_text("{}")
+        stale = live.with_name(live.name.replace(f".{os.getpid()}.", f".{dead.pid}.", 1))
+        stale.write_text("{}")
+        assert files.remove_stale_temps(out) == [stale]
+        assert live.exists()
+        ignored = subprocess.run(["git", "-C", str(ROOT), "check-ignore", "--no-index", "-q",
+                                  f"reports/notebooks/{live.name}"])
+        assert ignored.returncode == 0, f"git must ignore a killed run's temp notebook {live.name}"
+    assert [p.name for p in out.parent.iterdir()] == ["01_x.ipynb"]
+
+
+def test_a_hand_run_works_in_scratch_and_leaves_the_pipeline_files_alone(tmp_path: Path, monkeypatch) -> None:
+    root = tmp_path / "repo"
+    (root / "reports" / "metrics").mkdir(parents=True)
+    (root / "dvc.yaml").write_text("stages: {}\n")
+    (root / "params.yaml").write_text("seed: 0\n")
+    result = root / "reports" / "metrics" / "x.json"
+    result.write_text('{"acc": 0.9}\n')
+    (root / "notebooks").mkdir()
+    monkeypatch.chdir(root / "notebooks")
+    monkeypatch.setenv(notebook.PIPELINE_ENV, "1")
+    assert notebook.project_root() == root
+    monkeypatch.delenv(notebook.PIPELINE_ENV)
+    work = notebook.project_root()
+    assert work == root / "scratch"
+    monkeypatch.chdir(work)
+    assert Path("params.yaml").read_text() == "seed: 0\n"  # inputs are read through the links
+    notebook.write_json("reports/metrics/x.json", {"acc": 0.1})
+    assert result.read_text() == '{"acc": 0.9}\n', "the pipeline's file is untouched"
+    assert json.loads((work / "reports/metrics/x.json").read_text()) == {"acc": 0.1}
+    assert notebook.project_root() == work, "a second call keeps the hand run's own file"
+    assert json.loads((work / "reports/metrics/x.json").read_text()) == {"acc": 0.1}
+
+
+def test_every_plot_has_labelled_axes_and_a_template_with_a_colour_per_series() -> None:
+    spec = yaml.safe_load((ROOT / "dvc.yaml").read_text())
+    for entry in spec["plots"]:
+        (name, props), = entry.items()
+        assert {"title", "x_label", "y_label"} <= set(props), name
+        template = json.loads((ROOT / ".dvc" / "plots" / f"{props['template']}.json").read_text())
+        assert template["encoding"]["color"]["field"] in ("field", "filename"), name  # not the revision
+        for y in props["y"]:
+            assert (ROOT / y).is_file(), f"{name}: {y}"
+    for stage in STAGES.values():
+        for out in stage.get("plots", []):
+            if isinstance(out, dict):
+                (path, props), = out.items()
+                assert {"x_label", "y_label"} <= set(props), path

@@ -4,7 +4,9 @@ a metrics JSON with its wall seconds, a second repro reruns nothing, and a new o
 from __future__ import annotations
 
 import json
+import hashlib
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -22,6 +24,12 @@ def sh(cmd: list[str], cwd: Path, env: dict[str, str]) -> str:
     return done.stdout + done.stderr
 
 
+def snapshot(repo: Path) -> dict[str, str]:
+    """SHA-256 of every file of the pipeline (all but DVC's own state and params.yaml)."""
+    return {str(p.relative_to(repo)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(repo.rglob("*"))
+            if p.is_file() and p.relative_to(repo).parts[0] not in (".dvc", ".git") and p.name != "params.yaml"}
+
+
 def test_smoke_repro_twice(tmp_path: Path) -> None:
     # The source tree as git sees it (tracked + new, not ignored), without the lock of the real run.
     listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT,
@@ -36,9 +44,12 @@ def test_smoke_repro_twice(tmp_path: Path) -> None:
     sh(["git", "init", "-q"], repo, env)
     if not (repo / ".dvc" / "config").is_file():
         sh([sys.executable, "-m", "dvc", "init", "-q"], repo, env)
-    sh(["make", "-s", "profile", "P=smoke"], repo, env)
+    shutil.copy(repo / "profiles/smoke.yaml", repo / "params.yaml")
 
     first = sh([sys.executable, "-m", "dvc", "repro"], repo, env)
+    # per-epoch progress reaches the terminal of `dvc repro` (papermill keeps cell output to the notebook)
+    assert re.search(r"pretrain full epoch 1/\d+: loss \d+\.\d+, val_top1_largest \d\.\d+, .* \d+ s\n", first), first
+    assert re.search(r"finetune epoch 1/\d+: loss \d+\.\d+, val_top1_s1 ", first), first
     for stage, notebook in STAGES.items():
         assert f"Running stage '{stage}'" in first
         assert (repo / f"reports/notebooks/{notebook}.ipynb").is_file()
@@ -64,10 +75,21 @@ def test_smoke_repro_twice(tmp_path: Path) -> None:
     assert not sh(["git", "status", "--porcelain", "--ignored=no", "checkpoints/.resume"], repo, env).strip()
 
     second = sh([sys.executable, "-m", "dvc", "repro"], repo, env)
-    assert "Running stage" not in second and "Data and pipelines are up to date." in second, second
+    assert re.findall(r"Running stage '(\w+)'", second) == ["validate"], second  # always checked, nothing else
+
+    # a typo fails in the first stage, in one line naming the key, before DVC deletes any output
+    before = snapshot(repo)
+    params = repo / "params.yaml"
+    good = params.read_text()
+    params.write_text(good.replace("omega: 0.09", "omega: high"))
+    done = subprocess.run([sys.executable, "-m", "dvc", "repro"], cwd=repo, env=env, capture_output=True, text=True)
+    assert done.returncode != 0
+    assert "error: params.yaml: search.omega: got 'high'; allowed: a number >= 0\n" in done.stderr, done.stderr
+    assert re.findall(r"Running stage '(\w+)'", done.stdout + done.stderr) == ["validate"]
+    assert snapshot(repo) == before, "a bad value must leave every output untouched"
+    params.write_text(good)
 
     # a new omega (a search setting) invalidates the predictor and the search, never the database
-    params = repo / "params.yaml"
     params.write_text(params.read_text().replace("omega: 0.09", "omega: 0.2"))
     changed = json.loads(sh([sys.executable, "-m", "dvc", "status", "--json"], repo, env))
     assert {"predictor", "search"} <= set(changed) and not {"data", "supernet", "finetune", "database"} & set(changed)

@@ -14,7 +14,7 @@ import pytest
 import torch
 from conftest import ROOT
 
-from enas4d import config, database, report
+from enas4d import config, database, pipeline, report
 from enas4d.evaluate import recalibrate_bn
 from enas4d.multistage import MultiStageNet
 from enas4d.space import SearchSpace
@@ -80,6 +80,16 @@ def test_figure5_panels_and_axes():
     assert (left.get_xscale(), right.get_xscale()) == ("linear", "log")  # 3380/92 spans more than 10x
     assert [t.get_text() for t in right.get_legend().get_texts()] == ["ENAS4D (paper)", "FBS"]
     assert len(left.lines) == 2 and list(left.lines[0].get_xdata()) == [1.0, 2.0]
+    assert (left.get_xlabel(), right.get_xlabel()) == ("average MACs per image (M, linear scale)",
+                                                       "average MACs per image (M, log scale)")
+    # points joined in cost order whatever their order in the table, and 95% intervals drawn as error bars
+    lo, hi = report.wilson_pct([90.0, 91.0, 88.0, 70.5, 69.59], 10000)
+    assert np.all(lo < [90.0, 91.0, 88.0, 70.5, 69.59]) and np.all(hi > [90.0, 91.0, 88.0, 70.5, 69.59])
+    assert 1.1 < hi[0] - lo[0] < 1.25  # +-1.96 sqrt(.9 .1 / 10000) = +-0.59 points
+    shuffled = pts.assign(top1_low_pct=lo, top1_high_pct=hi).iloc[[1, 0, 2, 3, 4]]
+    fig = report.plot_accuracy_vs_macs(shuffled, left_title="ours", right_title="ImageNet")
+    assert list(fig.axes[0].lines[0].get_xdata()) == [1.0, 2.0]
+    assert len(fig.axes[0].collections) >= 2, "error bars"
     with pytest.raises(ValueError, match="lack columns"):
         report.plot_accuracy_vs_macs(pts.drop(columns="series"), left_title="", right_title="")
 
@@ -206,8 +216,8 @@ def test_early_exit_is_measured_batch_by_batch_and_saved_per_image(tmp_path):
 
 
 def test_searched_file_is_checked_against_the_params(tmp_path):
-    _, space = tiny()
     cfg = config.load(ROOT / "params.yaml")
+    space = pipeline.space(cfg)
     rng = np.random.default_rng(0)
     entry = lambda t: {"target": t, "arch": space.sample(rng).to_dict(), "thresholds": [0.9, 0.8],  # noqa: E731
                        "metric_set": {"r": 0.9, "acc": 0.9, "cost": t}}
@@ -216,14 +226,65 @@ def test_searched_file_is_checked_against_the_params(tmp_path):
            "static": [{"target": 1.0, "arch": space.smallest().to_dict(), "metric_set": {"r": 0.8}}]}
     path = tmp_path / "archs.json"
     path.write_text(json.dumps(raw))
-    multi, static = report.load_searched(path, cfg)
+    multi, static = report.load_searched(path, cfg, space)
     assert [m.target for m in multi] == list(cfg.search.targets) and multi[0].thresholds == (0.9, 0.8)
     assert static[0].arch == space.smallest() and static[0].thresholds == ()
     path.write_text(json.dumps({**raw, "omega": 0.5}))
     with pytest.raises(ValueError, match=r"archs\.json: omega is 0\.5 but params\.yaml's search\.omega is 0\.09"):
-        report.load_searched(path, cfg)
+        report.load_searched(path, cfg, space)
     path.write_text(json.dumps({k: v for k, v in raw.items() if k != "static"}))
     with pytest.raises(ValueError, match=r"archs\.json: not a searched-archs file \(KeyError"):
-        report.load_searched(path, cfg)
+        report.load_searched(path, cfg, space)
     with pytest.raises(FileNotFoundError, match="run the search stage first"):
-        report.load_searched(tmp_path / "none.json", cfg)
+        report.load_searched(tmp_path / "none.json", cfg, space)
+    # thresholds in [0, 1], one per stage but the last, archs inside the space: errors name the file and entry
+    bad = json.loads(json.dumps(raw))
+    bad["multistage"][1]["thresholds"] = [1.5, -2.0]
+    path.write_text(json.dumps(bad))
+    with pytest.raises(ValueError, match=r"archs\.json: multistage\[1\] \(target 1\.5\): threshold 1\.5 outside"):
+        report.load_searched(path, cfg, space)
+    bad["multistage"][1]["thresholds"] = [0.5]
+    path.write_text(json.dumps(bad))
+    with pytest.raises(ValueError, match=r"archs\.json: multistage\[1\] .*: 1 thresholds; finetune\.stages = 3 needs 2"):
+        report.load_searched(path, cfg, space)
+    bad = json.loads(json.dumps(raw))
+    bad["static"][0]["arch"]["resolution"] = 99
+    path.write_text(json.dumps(bad))
+    with pytest.raises(ValueError, match=r"archs\.json: static\[0\] \(target 1\): arch outside the search space") as err:
+        report.load_searched(path, cfg, space)
+    assert "\n" not in str(err.value)
+
+
+def test_readings_compare_exactly_and_give_counts_and_intervals():
+    text = report.against_targets(["A", "B", "C", "D"], [1.0967551552, 1.28, 1.33, 2.5004912672],
+                                  [1.0, 1.5, 2.0, 2.5], "MMACs")
+    assert text == ("2 of 4 stay at or under their cost target; over it: A by 9.7% (1.09676 vs 1 MMACs), "
+                    "D by 0.02% (2.50049 vs 2.5 MMACs)")  # D is over, though it rounds to 2.500
+    assert report.against_targets(["A"], [4.0], [4.0], "ms") == "1 of 1 stay at or under their cost target"
+    line = report.rate_with_interval(39, 54)
+    assert line.startswith("72.2% of 54 images (95% CI ") and line.endswith("%)")
+    lo, hi = (float(v) for v in line.split("CI ")[1].rstrip("%)").split("-"))
+    assert lo < 72.2 < hi and hi - lo > 20  # few images: a wide interval
+    assert report.rate_with_interval(0, 0) == "no images"
+
+
+def test_figure5_points_get_intervals_and_a_csv_per_series(tmp_path):
+    pts = pd.DataFrame([
+        {"panel": 0, "series": "ENAS4D (sweep)", "label": "t2", "avg_mmacs": 2.0, "top1_pct": 91.0},
+        {"panel": 0, "series": "ENAS4D (sweep)", "label": "t1", "avg_mmacs": 1.0, "top1_pct": 90.0},
+        {"panel": 0, "series": "random multi-stage", "label": "db 3", "avg_mmacs": 1.5, "top1_pct": 80.0},
+        {"panel": 1, "series": "ENAS4D (paper)", "label": "A", "avg_mmacs": 300.0, "top1_pct": 75.0}])
+    got = report.with_wilson(pts, 1000)
+    lo, hi = report.wilson_pct([91.0, 90.0, 80.0], 1000)
+    assert got.top1_low_pct[:3].tolist() == lo.round(2).tolist()
+    assert got.top1_high_pct[:3].tolist() == hi.round(2).tolist()
+    assert got.top1_low_pct.isna().tolist() == [False, False, False, True], "no image count for the paper's points"
+    assert "top1_low_pct" not in pts, "the input frame is left as it was"
+    written = report.write_points(got, tmp_path / "figure5.csv", tmp_path / "series")
+    assert len(pd.read_csv(tmp_path / "figure5.csv")) == 4
+    sweep = pd.read_csv(tmp_path / "series" / "enas4d-sweep.csv")
+    assert sweep.label.tolist() == ["t1", "t2"] and "top1_low_pct" in sweep, "cost order, with the intervals"
+    assert sorted(p.name for p in (tmp_path / "series").iterdir()) == sorted(
+        report.series_file(n) for n in report.FIGURE5_SERIES)
+    assert len(pd.read_csv(tmp_path / "series" / "best-static-subnet.csv")) == 0
+    assert len(written) == 1 + len(report.FIGURE5_SERIES)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import random
+import re
 from dataclasses import replace
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from enas4d import data, train
 from enas4d.evaluate import evaluate_multistages, evaluate_subnets, recalibrate_bn, split_images
 from enas4d.multistage import MultiStageNet
 from enas4d.space import SearchSpace
-from enas4d.supernet import PRESETS, OFAMobileNetV3, resize
+from enas4d.supernet import PRESETS, OFAMobileNetV3, load_ofa_state_dict, resize
 
 torch.set_num_threads(1)
 SPACE = SearchSpace(units=5, resolutions=(16,))
@@ -67,6 +68,13 @@ def test_load_checkpoint_errors_name_the_file(tmp_path: Path) -> None:
     with pytest.raises(train.CheckpointError, match="bad.pt: corrupt") as err:
         train.load_checkpoint(bad)
     assert "\n" not in str(err.value)
+    bad.write_bytes(np.random.default_rng(0).bytes(5000))  # torch's own message advises weights_only=False
+    with pytest.raises(train.CheckpointError, match="bad.pt: corrupt") as err:
+        train.load_checkpoint(bad)
+    assert "\n" not in str(err.value) and "weights_only" not in str(err.value), err.value
+    with pytest.raises(ValueError, match="bad.pt: corrupt or not a torch state dict") as err:
+        load_ofa_state_dict(fresh_net(), bad)
+    assert "weights_only" not in str(err.value)
     with pytest.raises(train.CheckpointError, match="missing.pt: checkpoint not found"):
         train.load_checkpoint(tmp_path / "missing.pt")
     train.save_checkpoint(tmp_path / "other.pt", {"model": {}})
@@ -227,3 +235,21 @@ def test_history_to_csv_writes_the_union_of_columns(tmp_path: Path) -> None:
     rows = list(csv.DictReader(path.open()))
     assert rows == [{"epoch": "1", "loss": "2.0", "val_top1": ""}, {"epoch": "2", "loss": "1.5", "val_top1": "0.5"}]
     assert [p.name for p in path.parent.iterdir()] == ["curve.csv"]  # no temp file left behind
+
+
+def test_each_epoch_prints_one_line_and_rewrites_the_curves(tmp_path: Path, splits: dict, capsys) -> None:
+    args = replace(PRETRAIN, epochs_full=2, epochs_kernel=0, epochs_expand=0)
+    curves = tmp_path / "curves.csv"
+    train.pretrain(fresh_net(), splits["train"], splits["calib"], splits["val"], args, ckpt_dir=tmp_path, seed=0,
+                   stop_after=1, curves=curves)
+    with open(curves) as f:
+        first = list(csv.DictReader(f))
+    assert [r["epoch"] for r in first] == ["1"], "the curve holds the finished epoch before the run ends"
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("pretrain full epoch")]
+    assert len(lines) == 1
+    assert re.fullmatch(r"pretrain full epoch 1/2: loss \d+\.\d{4}, val_top1_largest \d\.\d{4}, "
+                        r"val_top1_smallest \d\.\d{4}, \d+ s", lines[0]), lines[0]
+    train.pretrain(fresh_net(), splits["train"], splits["calib"], splits["val"], args, ckpt_dir=tmp_path, seed=0,
+                   curves=curves)
+    with open(curves) as f:
+        assert [r["epoch"] for r in csv.DictReader(f)] == ["1", "2"]
