@@ -98,6 +98,7 @@ class FinetuneConfig:
     augment: bool = _rule()
     precision: str = _rule(choices=("fp32", "bf16", "fp16"))
     eval_archs: int = _rule(**POSITIVE)
+    hard_weight: float = _rule(ge=0, le=1)
 
 
 @dataclass(frozen=True)

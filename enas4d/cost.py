@@ -12,7 +12,7 @@ from functools import lru_cache
 import numpy as np
 
 from .ops import make_divisible
-from .plan import Plan
+from .plan import Plan, restart_slots
 from .space import MultiStageArch, SubnetArch
 from .supernet import BlockSpec, SupernetSpec
 
@@ -108,13 +108,14 @@ def subnet_macs(spec: SupernetSpec, arch: SubnetArch) -> int:
 # MACs of the multi-stage network's incremental, feature-reusing path (its plan: enas4d/plan.py).
 
 
-def stage_macs(spec: SupernetSpec, arch: MultiStageArch) -> list[int]:
+def stage_macs(spec: SupernetSpec, arch: MultiStageArch, *, restart: bool = True) -> list[int]:
     """Cumulative MACs for one image that exits after stage 1, 2, ..., S of multi-stage ``arch``.
 
     Follows the incremental path exactly: stage 1 pays the stem and first block once; every stage pays
     the hidden-channel slice it adds to each block it runs (``block_macs`` on that slice, SE in input-reuse
     form) and its own head. A stage that adds no channels to a block pays nothing there (BN and the
-    residual add are free), and heads of every stage a sample passed through count.
+    residual add are free), and heads of every stage a sample passed through count. ``restart``: a
+    diverged stage recomputes each unit's first block whole (``plan.Plan.of``), and pays for it.
     """
     units = len(spec.units)
     for s in range(arch.num_stages):
@@ -127,7 +128,8 @@ def stage_macs(spec: SupernetSpec, arch: MultiStageArch) -> list[int]:
     sides = slot_sides(spec, arch.resolution, max_depth)
     head = head_macs(spec, sides[-1])
     total, out = stem_macs(spec, arch.resolution), []
-    for steps in Plan.of(arch, lambda slot, e: blocks[slot].mid(e)).stages:
+    restarts = restart_slots(blocks) if restart else ()
+    for steps in Plan.of(arch, lambda slot, e: blocks[slot].mid(e), restarts).stages:
         total += sum(block_macs(blocks[st.slot], sides[st.slot], st.kernel, st.channels) for st in steps if st.new)
         total += head
         out.append(total)

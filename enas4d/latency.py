@@ -51,6 +51,7 @@ from enas4d.evaluate import memory_format
 from enas4d.files import write_json
 from enas4d.multistage import (BlockState, BlockStep, ExportedMultiStageNet, MultiStageMBConv, MultiStageNet, Plan,
                                StageCache, mbconv_stage, run_early_exit)
+from enas4d.plan import restart_slots
 from enas4d.progress import bar
 from enas4d.space import MultiStageArch, SearchSpace
 from enas4d.supernet import OFAMobileNetV3, SupernetSpec, resize
@@ -407,14 +408,15 @@ def stage_latency(lut: LatencyTable, spec: SupernetSpec, arch: MultiStageArch, *
     total = lut[("stem", arch.resolution)] + (lut[("exit",)] if early_exit else 0.0)
     cached: dict[int, int] = {}  # slot -> tensors kept in the stage cache
     out = []
-    for s, steps in enumerate(Plan.of(arch, lambda slot, e: blocks[slot].mid(e)).stages):
+    for s, steps in enumerate(Plan.of(arch, lambda slot, e: blocks[slot].mid(e), restart_slots(blocks)).stages):
         if s and early_exit:
             total += lut[("exit_pass",)] + lut[("keep_tensor",)] * sum(cached.values())
         for st in steps:
             u, first, side = st.slot // max_depth, st.slot % max_depth == 0, sides[st.slot]
             if st.new:
                 total += lut[("block", u, first, side, st.start, st.stop, st.kernel)]
-                cached[st.slot] = cached.get(st.slot, 1) + blocks[st.slot].se
+                kept = 1 if st.start == 0 else cached[st.slot]  # a block's first stage or a restart starts afresh
+                cached[st.slot] = kept + blocks[st.slot].se
             else:
                 total += lut[("pass", u, first, side)]
         total += head

@@ -17,8 +17,9 @@ stage 1 and reused; in a block, expand and depthwise are independent (the stage'
 ``[mid(e_{s-1}), mid(e_s))`` and kernel), SE is input reuse (the gate of the new channels reads the
 pooled activations of all hidden channels so far), project is output reuse (pre-BN accumulator), then
 BN and the residual with the stage's own input. A block first run by stage ``s`` is computed on
-``[0, mid(e_s))`` from stage ``s``'s input (depth catch-up). Every stage runs the head on its own last
-feature map.
+``[0, mid(e_s))`` from stage ``s``'s input (depth catch-up), and so is a block without residual when stage
+``s`` already diverged from the previous stage upstream (restart at unit entries, our deviation: see
+`Plan.of`). Every stage runs its own prediction layer on its own last feature map.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from enas4d import cost
-from enas4d.plan import BlockStep, Plan
+from enas4d.plan import BlockStep, Plan, restart_slots
 from enas4d.space import MultiStageArch
 from enas4d.supernet import ElasticMBConv, OFAMobileNetV3
 
@@ -203,6 +204,8 @@ class BlockState:
 
 def mbconv_stage(block: BlockParts, state: BlockState, x: Tensor, step: BlockStep, stage: int) -> Tensor:
     """One multi-stage MBConv at one stage: compute the new slice, update ``state``, return the output."""
+    if step.start == 0:  # the first stage to run the block, or a restart: nothing earlier is reused
+        state.z, state.pooled = None, []
     if step.new:
         h = block.hidden(x, stage)
         if block.has_se:
@@ -328,7 +331,7 @@ class _SupernetBlock:
 
 
 class _SupernetParts:
-    """`NetParts` of a supernet under one arch: shared stem, sliced blocks, the supernet head for every stage."""
+    """`NetParts` of a supernet under one arch: shared stem, sliced blocks, each stage's prediction layer."""
 
     def __init__(self, supernet: OFAMobileNetV3, plan: Plan) -> None:
         self.supernet = supernet
@@ -343,7 +346,7 @@ class _SupernetParts:
         return self._blocks[slot]
 
     def head(self, x: Tensor, stage: int) -> Tensor:
-        return self.supernet.head(x)
+        return self.supernet.stage_head(stage)(x)
 
 
 def _check_input(x: Tensor, resolution: int) -> None:
@@ -358,23 +361,27 @@ def _check_eval(net: nn.Module) -> None:
 
 
 class MultiStageNet(nn.Module):
-    """Multi-stage networks sampled from a supernet with no new weights; the arch is always an argument.
+    """Multi-stage networks sampled from a supernet; the arch is always an argument.
 
+    The only weights beyond the supernet's shared ones are the prediction layers of stages 2..S, which
+    the supernet itself holds after fine-tuning (``stage_heads``). ``restart`` (default) recomputes each
+    unit's first block for a diverged stage (`Plan.of`); ``False`` is the paper's pure output reuse.
     The supernet is a submodule, so ``parameters()``/``train()``/``to()`` act on it and gradients of
     `forward` flow into it (multi-stage fine-tuning). BN uses the supernet's sliced layers (batch
     statistics in training mode); `export` gives each block and stage its own BN for recalibration.
     Inputs must already be at ``arch.resolution`` (see ``enas4d.supernet.resize``).
     """
 
-    def __init__(self, supernet: OFAMobileNetV3) -> None:
+    def __init__(self, supernet: OFAMobileNetV3, *, restart: bool = True) -> None:
         super().__init__()
         self.supernet = supernet
+        self.restart = restart
 
     def plan(self, arch: MultiStageArch) -> Plan:
         """Validate ``arch`` (any number of stages) against the supernet's space and plan its slices."""
         replace(self.supernet.space, stages=arch.num_stages).check(arch)
         blocks = self.supernet.blocks
-        return Plan.of(arch, lambda slot, e: blocks[slot].mid(e))
+        return Plan.of(arch, lambda slot, e: blocks[slot].mid(e), restart_slots(blocks) if self.restart else ())
 
     def _parts(self, x: Tensor, arch: MultiStageArch) -> _SupernetParts:
         _check_input(x, arch.resolution)
@@ -397,7 +404,8 @@ class MultiStageNet(nn.Module):
     def early_exit(self, x: Tensor, arch: MultiStageArch, thresholds: Sequence[float]) -> ExitResult:
         """Early-exit inference of a batch: a sample leaves after stage ``s < S`` when its max softmax > ``T_s``."""
         _check_eval(self)
-        return run_early_exit(self._parts(x, arch), x, thresholds, cost.stage_macs(self.supernet.spec, arch))
+        return run_early_exit(self._parts(x, arch), x, thresholds,
+                              cost.stage_macs(self.supernet.spec, arch, restart=self.restart))
 
     @torch.no_grad()
     def export(self, arch: MultiStageArch) -> ExportedMultiStageNet:
@@ -407,8 +415,8 @@ class MultiStageNet(nn.Module):
         blocks = {str(slot): MultiStageMBConv(sn.blocks[slot], dict(steps), arch.num_stages)
                   for slot, steps in plan.by_slot().items()}
         net = ExportedMultiStageNet(arch, plan, nn.Sequential(copy.deepcopy(sn.stem), copy.deepcopy(sn.first_block)),
-                                    blocks, [copy.deepcopy(sn.head_layers) for _ in range(arch.num_stages)],
-                                    cost.stage_macs(sn.spec, arch))
+                                    blocks, [copy.deepcopy(sn.stage_head(s)) for s in range(arch.num_stages)],
+                                    cost.stage_macs(sn.spec, arch, restart=self.restart))
         return net.train(self.training)
 
 

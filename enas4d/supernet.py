@@ -309,6 +309,10 @@ class OFAMobileNetV3(nn.Module):
             for b in spec.block_specs(space.max_depth))
         self.head_layers = Head(spec.units[-1].width, spec.final_expand, spec.feature_mix, spec.num_classes,
                                 spec.dropout, self.norm)
+        # The prediction layers of stages 2..S: every stage of a multi-stage net has its own (the paper's "a
+        # sub-network with a prediction layer" per stage); stage 1 and every static subnet use head_layers.
+        # Empty until multi-stage fine-tuning adds them (`add_stage_heads`), as copies of head_layers.
+        self.stage_heads = nn.ModuleList()
         self._init_static_weights()
         # mkldnn's channels-last depthwise kernels make a CPU training step ~2.5x faster (its backward
         # dominates); parameters keep this layout through load_state_dict, optimizers and .to(device).
@@ -328,6 +332,24 @@ class OFAMobileNetV3(nn.Module):
 
     def head(self, feat: Tensor) -> Tensor:
         return self.head_layers(feat)
+
+    def stage_head(self, stage: int) -> Head:
+        """The prediction layer of (0-based) ``stage``: its own after multi-stage fine-tuning, else head_layers."""
+        if stage == 0 or not self.stage_heads:
+            return self.head_layers
+        if stage > len(self.stage_heads):
+            raise ValueError(f"stage {stage + 1}: this supernet has prediction layers for "
+                             f"{len(self.stage_heads) + 1} stages")
+        return self.stage_heads[stage - 1]
+
+    @torch.no_grad()
+    def add_stage_heads(self, stages: int) -> None:
+        """Give stages 2..``stages`` their own prediction layers, copies of head_layers (fine-tuning starts
+        from the supernet's head for every stage); a supernet that has them already is left as it is."""
+        if len(self.stage_heads) not in (0, stages - 1):
+            raise ValueError(f"supernet has prediction layers for {len(self.stage_heads) + 1} stages, not {stages}")
+        if not self.stage_heads:
+            self.stage_heads.extend(copy.deepcopy(self.head_layers) for _ in range(stages - 1))
 
     def check(self, x: Tensor, arch: SubnetArch) -> None:
         """Raise ValueError if ``arch`` is not in the space or ``x`` is not at ``arch.resolution``."""

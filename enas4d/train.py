@@ -220,6 +220,8 @@ def load_supernet(path: str | os.PathLike, device: torch.device | str = "cpu") -
         spec = SupernetSpec(**{**s, "units": tuple(UnitSpec(**u) for u in s["units"])})
         space = SearchSpace(**{k: tuple(v) if isinstance(v, list) else v for k, v in ck["space"].items()})
         net = OFAMobileNetV3(spec, space)
+        if any(k.startswith("stage_heads.") for k in ck["model"]):  # fine-tuned: a prediction layer per stage
+            net.add_stage_heads(space.stages)
     except (TypeError, ValueError) as err:
         raise CheckpointError(f"{path}: bad supernet spec or search space ({err})") from None
     load_weights(net, ck["model"], str(path))
@@ -229,9 +231,24 @@ def load_supernet(path: str | os.PathLike, device: torch.device | str = "cpu") -
 # ---------------------------------------------------------------------------------------------- losses
 
 
-def soft_cross_entropy(logits: Tensor, soft_targets: Tensor) -> Tensor:
+def soft_cross_entropy(logits: Tensor, soft_targets: Tensor, reduction: str = "mean") -> Tensor:
     """Cross-entropy against a distribution (OFA's KD loss: the teacher's softmax as the target)."""
-    return -(soft_targets * F.log_softmax(logits, 1)).sum(1).mean()
+    per_sample = -(soft_targets * F.log_softmax(logits, 1)).sum(1)
+    return per_sample.mean() if reduction == "mean" else per_sample
+
+
+def stage_weights(outs: Sequence[Tensor], y: Tensor, hard_weight: float) -> list[Tensor]:
+    """Per-sample loss weights of each stage: 1 for stage 1; for a later stage a mix, by ``hard_weight``,
+    of 1 and the previous stage's miss ``1 - p(y)`` (no gradient) scaled to mean 1 over the batch.
+
+    Early exit sends a later stage only the images its predecessor was unsure of; with ``hard_weight``
+    > 0 fine-tuning spends the later stages' capacity on those (0: the paper's plain sum of stage losses)."""
+    ones = torch.ones_like(y, dtype=outs[0].dtype)
+    weights = [ones]
+    for prev in outs[:-1]:
+        miss = 1 - torch.softmax(prev.detach().float(), 1).gather(1, y[:, None])[:, 0]
+        weights.append((1 - hard_weight) * ones + hard_weight * miss / miss.mean().clamp_min(1e-6))
+    return weights
 
 
 def _sgd(model: nn.Module, lr: float, momentum: float, nesterov: bool, weight_decay: float) -> torch.optim.SGD:
@@ -575,8 +592,9 @@ def finetune(supernet: OFAMobileNetV3, train_split: Split, calib_split: Split, v
              stop_after: int | None = None, curves: str | os.PathLike | None = None) -> TrainResult:
     """The paper's fine-tuning for dynamic inference, in place; writes ``out`` when complete.
 
-    Each step samples a multi-stage arch of ``stages`` stages uniformly, runs ``MultiStageNet`` (all
-    stages) and minimizes sum_s [CE_s + ``kd_ratio`` x KD_s], every stage distilling from the frozen
+    Stages 2..``stages`` first get their own prediction layers, copies of the supernet's head
+    (``add_stage_heads``); each then learns from its own stage's loss only. Each step samples a multi-stage
+    arch of ``stages`` stages uniformly, runs ``MultiStageNet`` (all stages) and minimizes sum_s [CE_s + ``kd_ratio`` x KD_s], every stage distilling from the frozen
     pretrained supernet's largest subnet at the largest resolution. SGD, per-batch cosine schedule, one
     checkpoint per epoch in ``ckpt_dir/last.pt`` (resumable like ``pretrain``). After each epoch the
     per-stage top-1 on ``val_split`` of ``eval_archs`` fixed random archs (``curve_archs``) is averaged
@@ -586,8 +604,9 @@ def finetune(supernet: OFAMobileNetV3, train_split: Split, calib_split: Split, v
     s = settings  # the finetune section of params.yaml, validated by config.py
     stages, epochs, batch_size, lr, momentum = s.stages, s.epochs, s.batch_size, s.lr, s.momentum
     nesterov, weight_decay, kd_ratio, augment = s.nesterov, s.weight_decay, s.kd_ratio, s.augment
-    eval_archs, precision = s.eval_archs, s.precision
+    eval_archs, precision, hard_weight = s.eval_archs, s.precision, s.hard_weight
     run = _execution(batch_size, micro_batches, precision)
+    supernet.add_stage_heads(stages)
     distributed.broadcast_module(supernet)
     space = supernet.space.restrict(stages=stages)
     msnet = MultiStageNet(supernet)
@@ -601,10 +620,12 @@ def finetune(supernet: OFAMobileNetV3, train_split: Split, calib_split: Split, v
     def loss(pi: int, arch: MultiStageArch, x: Tensor, y: Tensor,
              soft: Tensor | None) -> tuple[Tensor, dict[str, float]]:
         outs = msnet(resize(x, arch.resolution), arch)
-        ce = sum(F.cross_entropy(o, y, label_smoothing=label_smoothing) for o in outs)
+        weights = stage_weights(outs, y, hard_weight)
+        ce = sum((w * F.cross_entropy(o, y, label_smoothing=label_smoothing, reduction="none")).mean()
+                 for w, o in zip(weights, outs))
         total, stats = ce, {}
         if soft is not None:
-            kd = sum(soft_cross_entropy(o, soft) for o in outs)
+            kd = sum((w * soft_cross_entropy(o, soft, reduction="none")).mean() for w, o in zip(weights, outs))
             total = ce + kd_ratio * kd
             stats["kd"] = kd.item()
         stats |= {"loss": total.item(), "ce": ce.item()}
@@ -620,6 +641,7 @@ def finetune(supernet: OFAMobileNetV3, train_split: Split, calib_split: Split, v
         return {f"val_top1_s{s + 1}": float(v) for s, v in enumerate(accs)}
 
     fingerprint = {"kind": "finetune", "seed": seed, "stages": stages, "epochs": epochs, "batch_size": batch_size,
+                   "hard_weight": hard_weight,
                    "lr": lr, "momentum": momentum, "nesterov": nesterov, "weight_decay": weight_decay,
                    "kd_ratio": kd_ratio, "label_smoothing": label_smoothing, "augment": augment,
                    "precision": precision, "train_images": len(train_split), "space": _space_dict(space),

@@ -54,20 +54,28 @@ def test_the_table_covers_every_op_of_every_arch() -> None:
 
 def test_stage_latency_walks_what_each_stage_runs() -> None:
     """Each kind priced 1, the others 0: the sums count what the incremental path runs, counted here from the arch."""
+    max_depth = SPACE.max_depth
+    se = [SPEC.units[i // max_depth].se for i in range(SPACE.slots)]
     for a in archs(30):
-        max_depth = SPACE.max_depth
-        new = [sum(e > (a.expands[s - 1][i] if s else 0) for i, e in enumerate(a.expands[s]) if e) for s in range(3)]
-        passes = [sum(1 for i, e in enumerate(a.expands[s]) if e and s and e == a.expands[s - 1][i]) for s in range(3)]
-        assert lat.stage_latency(fake_table({"block": 1}), SPEC, a) == list(itertools.accumulate(new))
+        adds = lambda s, i: a.expands[s][i] > (a.expands[s - 1][i] if s else 0)  # noqa: E731
+        # a later stage that added channels upstream recomputes each unit's first block (no residual) whole
+        restarts = lambda s, i: s and i % max_depth == 0 and any(adds(s, j) for j in range(i))  # noqa: E731
+        runs = [[i for i in range(SPACE.slots) if a.expands[s][i]] for s in range(3)]
+        blocks = [sum(adds(s, i) or restarts(s, i) for i in runs[s]) for s in range(3)]
+        passes = [sum(1 for i in runs[s] if s and not adds(s, i) and not restarts(s, i)) for s in range(3)]
+        assert lat.stage_latency(fake_table({"block": 1}), SPEC, a) == list(itertools.accumulate(blocks))
         assert lat.stage_latency(fake_table({"pass": 1}), SPEC, a) == list(itertools.accumulate(passes))
         assert lat.stage_latency(fake_table({"head": 1}), SPEC, a) == [1, 2, 3]
         assert lat.stage_latency(fake_table({"stem": 1, "exit": 1}), SPEC, a) == [2, 2, 2]
         assert lat.stage_latency(fake_table({"stem": 1, "exit": 1}), SPEC, a, early_exit=False) == [1, 1, 1]
         assert lat.stage_latency(fake_table({"exit_pass": 1}), SPEC, a) == [0, 1, 2]
-        # a sample passing stage s prunes, per block run so far, its pre-BN sum and one SE input per new slice
-        se = [SPEC.units[i // max_depth].se for i in range(SPACE.slots)]
-        kept = [sum((1 + se[i] * sum(a.expands[t][i] > (a.expands[t - 1][i] if t else 0) for t in range(s + 1)))
-                    for i in range(SPACE.slots) if a.expands[s][i]) for s in range(2)]
+        # a sample passing stage s prunes, per block run so far, its pre-BN sum and one SE input per slice
+        # computed since the block last started afresh (its first stage or a restart)
+        def inputs(s: int, i: int) -> int:
+            fresh = max(t for t in range(s + 1) if a.expands[t][i] and (t == 0 or not a.expands[t - 1][i]
+                                                                          or restarts(t, i)))
+            return sum(adds(t, i) or t == fresh for t in range(fresh, s + 1))
+        kept = [sum(1 + se[i] * inputs(s, i) for i in runs[s]) for s in range(2)]
         assert lat.stage_latency(fake_table({"keep_tensor": 1}), SPEC, a) == [0, kept[0], kept[0] + kept[1]]
 
 

@@ -43,6 +43,9 @@ def make(stages: int) -> tuple[OFAMobileNetV3, SearchSpace, MultiStageNet]:
             elif "norm" in name or ".1." in name and p.dim() == 1:
                 p.copy_(torch.rand_like(p) + 0.5 if name.endswith("weight") else 0.3 * torch.randn_like(p))
         torch.nn.init.normal_(net.head_layers.classifier.weight, 0, 0.3)
+        net.add_stage_heads(stages)  # each stage its own prediction layer, made to differ from the others
+        for head in net.stage_heads:
+            torch.nn.init.normal_(head.classifier.weight, 0, 0.3)
         for m in net.modules():
             if isinstance(m, torch.nn.BatchNorm2d):
                 m.reset_running_stats()
@@ -68,11 +71,15 @@ def image(arch: MultiStageArch | SubnetArch, n: int = 4, seed: int = 0) -> Tenso
     return torch.randn(n, 1, arch.resolution, arch.resolution, generator=g)
 
 
-def reference(net: OFAMobileNetV3, x: Tensor, arch: MultiStageArch) -> list[Tensor]:
-    """DESIGN.md's semantics, naively: for each stage s, recompute stages 1..s from the stem features."""
+def reference(net: OFAMobileNetV3, x: Tensor, arch: MultiStageArch, restart: bool = True) -> list[Tensor]:
+    """DESIGN.md's semantics, naively: for each stage s, recompute stages 1..s from the stem features.
+
+    With ``restart``, a stage that already added channels upstream recomputes every block without residual
+    whole from its own input instead of adding to the previous stage's sum."""
     out = []
     for s in range(arch.num_stages):
         feats = [net.stem_features(x)] * (s + 1)
+        diverged = [False] * (s + 1)
         for i, blk in enumerate(net.blocks):
             z, pooled = None, []
             for k in range(s + 1):
@@ -81,6 +88,9 @@ def reference(net: OFAMobileNetV3, x: Tensor, arch: MultiStageArch) -> list[Tens
                     continue
                 prev = arch.expands[k - 1][i] if k else 0
                 ch = slice(blk.mid(prev) if prev else 0, blk.mid(e))
+                if restart and k and diverged[k] and not blk.has_residual:
+                    z, pooled, ch = None, [], slice(0, blk.mid(e))
+                diverged[k] = diverged[k] or blk.mid(e) > (blk.mid(prev) if prev else 0)
                 if ch.stop > ch.start:
                     h = blk.hidden(feats[k], ch, arch.kernels[k][i])
                     if blk.se is not None:
@@ -89,7 +99,7 @@ def reference(net: OFAMobileNetV3, x: Tensor, arch: MultiStageArch) -> list[Tens
                     z = blk.project(h, ch) if z is None else z + blk.project(h, ch)
                 y = blk.project_bn(z)
                 feats[k] = y + feats[k] if blk.has_residual else y
-        out.append(net.head(feats[s]))
+        out.append(net.stage_head(s)(feats[s]))
     return out
 
 
@@ -152,8 +162,12 @@ def test_handmade_archs_exercise_catch_up_and_empty_slices() -> None:
 
 
 def test_largest_multistage_repeats_the_largest_subnet() -> None:
-    """All width in stage 1 and equal depths: later stages add nothing, so every stage is the static net."""
-    net, space, ms = make(3)
+    """All width in stage 1 and equal depths: later stages add nothing, so every stage is the static net
+    (given the same prediction layer: each stage has its own)."""
+    space = make(3)[1]
+    net, ms = fresh(3)
+    for head in net.stage_heads:
+        head.load_state_dict(net.head_layers.state_dict())
     a = space.largest_multistage()
     x = image(a)
     want = net(x, space.largest())
