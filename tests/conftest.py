@@ -31,7 +31,7 @@ def pretrain_settings(**changes: object) -> config.PretrainConfig:
 def finetune_settings(**changes: object) -> config.FinetuneConfig:
     """A ``finetune:`` section for tests: one epoch of batch 16 with 2 stages and the paper's rates, unless changed."""
     base = dict(stages=2, epochs=1, batch_size=16, lr=4.5e-3, momentum=0.9, nesterov=True, weight_decay=3e-5,
-                kd_ratio=1.0, augment=True, precision="fp32", eval_archs=2)
+                kd_ratio=1.0, augment=True, precision="fp32", eval_archs=2, hard_weight=0.0)
     return config.FinetuneConfig(**{**base, **changes})
 
 
