@@ -1,0 +1,288 @@
+"""Deployment (paper: "Deploy on real-world devices"): a searched net as a folder of ONNX graphs + a manifest.
+
+A multi-stage net becomes one graph per stage *increment*: stage 1 maps the image to its logits and the tensors
+later stages reuse; stage ``s`` maps those tensors to its logits and the updated ones. Reused tensors are named
+``features`` (stem and first block, computed once), ``z:<slot>`` (a block's pre-BN output-reuse sum) and
+``pooled:<slot>`` (the spatial means of a block's hidden channels so far, the SE's input-reuse input). A graph
+outputs only what a later stage reads (named ``next:<name>``: ONNX names a value once), and reads only what
+it needs. ``manifest.json`` holds the arch, the
+thresholds, cumulative MACs per stage, resolution, normalisation, class names, every graph's inputs and outputs
+with shapes, and the SHA-256 of every file. A static subnet is the same layout with one graph and no thresholds.
+`enas4d.runtime.EarlyExitSession` runs a folder with onnxruntime and numpy only.
+
+Exporter: the TorchScript-based ``torch.onnx.export(dynamo=False)`` (docs/DESIGN.md, "Deployment").
+
+    python -m enas4d.deploy [--params params.yaml] [--searched searched/archs.json] [--out deployed]
+
+exports every searched target's multi-stage net and static subnet with the fine-tuned weights, BN
+recalibrated on the pipeline's calibration images exactly as the database and search evaluate them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import onnx
+import torch
+from torch import Tensor, nn
+
+from enas4d import cost
+from enas4d.database import at_resolution
+from enas4d.evaluate import memory_format, recalibrate_bn
+from enas4d.multistage import ExportedMultiStageNet, MultiStageNet, StageCache, _BlockState, _run_stage
+from enas4d.runtime import FORMAT, IMAGE, LOGITS, MANIFEST, NEXT, EarlyExitSession, sha256
+from enas4d.space import MultiStageArch, SubnetArch
+
+OPSET = 17
+FEATURES = "features"
+
+__all__ = ["EarlyExitSession", "export_multistage", "export_static", "recalibrated", "main"]
+
+
+# ---------------------------------------------------------------------------------------------- stage graphs
+
+
+def _produced(net: ExportedMultiStageNet, s: int) -> list[str]:
+    """Tensor names stage ``s`` computes anew (stem features in stage 1; per block with new channels, its sum and
+    SE input)."""
+    names = [FEATURES] if s == 0 else []
+    for step in net.plan.stages[s]:
+        if step.new:
+            names.append(f"z:{step.slot}")
+            if net.block(step.slot).has_se:
+                names.append(f"pooled:{step.slot}")
+    return names
+
+
+def _needed(net: ExportedMultiStageNet, s: int) -> list[str]:
+    """Tensor names stage ``s`` reads (besides the image of stage 1): what earlier stages left in its blocks."""
+    if s == 0:
+        return [IMAGE]
+    seen = {step.slot for t in range(s) for step in net.plan.stages[t]}
+    names = [FEATURES]
+    for step in net.plan.stages[s]:
+        if step.slot in seen:
+            names.append(f"z:{step.slot}")
+            if step.new and net.block(step.slot).has_se:
+                names.append(f"pooled:{step.slot}")
+    return names
+
+
+class _StageGraph(nn.Module):
+    """Stage ``stage`` of an exported net as a function of tensors (what ONNX export traces).
+
+    The cache is rebuilt from the inputs, ``multistage._run_stage`` (the same code as ``early_exit``) runs the
+    stage, and the updated block states are returned; SE inputs travel concatenated (the input-reuse conv
+    concatenates them anyway).
+    """
+
+    def __init__(self, net: ExportedMultiStageNet, stage: int, inputs: list[str], outputs: list[str]) -> None:
+        super().__init__()
+        self.net, self.stage, self.inputs, self.outputs = net, stage, inputs, outputs
+
+    def forward(self, *tensors: Tensor) -> tuple[Tensor, ...]:
+        given = dict(zip(self.inputs, tensors))
+        feats = self.net.stem(given[IMAGE]) if self.stage == 0 else given[FEATURES]
+        blocks = {}
+        for name, t in given.items():
+            kind, _, slot = name.partition(":")
+            if kind == "z":
+                blocks.setdefault(int(slot), _BlockState()).z = t
+            elif kind == "pooled":
+                blocks.setdefault(int(slot), _BlockState()).pooled = [t]
+        cache = StageCache(self.net, feats, blocks, next_stage=self.stage)
+        logits = _run_stage(cache)
+        out = {FEATURES: feats}
+        for slot, st in cache.blocks.items():
+            out[f"z:{slot}"] = st.z
+            if st.pooled:
+                out[f"pooled:{slot}"] = st.pooled[0] if len(st.pooled) == 1 else torch.cat(st.pooled, 1)
+        return (logits, *(out[k.removeprefix(NEXT)] for k in self.outputs[1:]))
+
+
+def _shapes(names: list[str], tensors: Sequence[Tensor]) -> dict[str, list]:
+    """Declared shapes for the manifest: batch symbolic (null), the rest fixed."""
+    return {n: [None, *t.shape[1:]] for n, t in zip(names, tensors)}
+
+
+def _onnx(module: nn.Module, args: tuple[Tensor, ...], inputs: list[str], outputs: list[str], path: Path) -> None:
+    """Trace ``module`` to ONNX at ``path`` with a dynamic batch axis on every input and output."""
+    with warnings.catch_warnings():
+        # The TorchScript exporter announces its deprecation on every call (choice: docs/DESIGN.md, "Deployment").
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        # multistage's shape checks hold for the fixed arch being traced; the tracer warns that it freezes them.
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+        torch.onnx.export(module, args, str(path), input_names=inputs, output_names=outputs, opset_version=OPSET,
+                          dynamo=False, do_constant_folding=True,
+                          dynamic_axes={n: {0: "batch"} for n in [*inputs, *outputs]})
+
+
+# ---------------------------------------------------------------------------------------------- folders
+
+
+def _in_channels(net: nn.Module) -> int:
+    return next(m for m in net.modules() if isinstance(m, nn.Conv2d)).in_channels
+
+
+def _write_folder(out: str | Path, write) -> Path:
+    """Build the folder in ``<out>.tmp-<pid>`` (``write(tmp) -> manifest``), then swap it into place."""
+    out = Path(out)
+    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        manifest = write(tmp)
+        manifest["files"] = {f: sha256(tmp / f) for f in sorted(manifest["files"])}
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+        shutil.rmtree(out, ignore_errors=True)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _meta(kind: str, arch: MultiStageArch | SubnetArch, in_channels: int, classes: Sequence[str],
+          mean: Sequence[float], std: Sequence[float], thresholds: Sequence[float], stage_macs: Sequence[int]) -> dict:
+    return {"format": FORMAT, "kind": kind, "arch": arch.to_dict(), "resolution": arch.resolution,
+            "in_channels": in_channels, "classes": list(classes),
+            "normalization": {"mean": list(mean), "std": list(std),
+                              "recipe": "x = (uint8 / 255 - mean) / std per channel, then a bilinear resize to "
+                                        "resolution (antialiased when shrinking), NCHW float32"},
+            "thresholds": [float(t) for t in thresholds], "stage_macs": [int(m) for m in stage_macs],
+            "exit_rule": "after stage s < S a sample leaves when its max softmax > thresholds[s]",
+            "exporter": f"torch.onnx TorchScript, opset {OPSET}, torch {torch.__version__}"}
+
+
+@torch.no_grad()
+def export_multistage(net: ExportedMultiStageNet, thresholds: Sequence[float], out: str | Path, *,
+                      classes: Sequence[str], mean: Sequence[float], std: Sequence[float]) -> Path:
+    """Write ``net`` (exported, BN recalibrated, any device) as a deployed folder at ``out`` (replaced if present).
+
+    ``thresholds`` are ``T_1..T_{S-1}``; ``classes``, ``mean`` and ``std`` describe the inputs (``data.Split``).
+    """
+    S = net.plan.num_stages
+    if len(thresholds) != S - 1:
+        raise ValueError(f"export_multistage: {S} stages need {S - 1} thresholds, got {len(thresholds)}")
+    net = net.cpu().to(memory_format=torch.contiguous_format).eval()
+    in_channels = _in_channels(net)
+
+    def write(tmp: Path) -> dict:
+        # Example inputs of every stage: run all stages eagerly, each returning everything it computes anew.
+        state = {IMAGE: torch.randn(2, in_channels, net.resolution, net.resolution)}
+        examples = []
+        for s in range(S):
+            inputs, made = _needed(net, s), [NEXT + n for n in _produced(net, s)]
+            examples.append(tuple(state[n] for n in inputs))
+            res = _StageGraph(net, s, inputs, [LOGITS, *made])(*examples[s])
+            state.update((k.removeprefix(NEXT), v) for k, v in zip(made, res[1:]))
+        # Export from the last stage back: a stage outputs only what a later stage's graph really reads (the
+        # exporter drops inputs a graph does not use, e.g. all blocks before a pass-through block).
+        stages, pending = [None] * S, set()
+        for s in reversed(range(S)):
+            inputs = _needed(net, s)
+            outputs = [LOGITS, *(NEXT + n for n in _produced(net, s) if n in pending)]
+            graph = _StageGraph(net, s, inputs, outputs).eval()
+            res = graph(*examples[s])
+            name = f"stage{s + 1}.onnx"
+            _onnx(graph, examples[s], inputs, outputs, tmp / name)
+            used = [i.name for i in onnx.load(tmp / name, load_external_data=False).graph.input]
+            pending = (pending - set(_produced(net, s))) | set(used)
+            stages[s] = {"file": name, "inputs": {n: shape for n, shape in _shapes(inputs, examples[s]).items()
+                                                  if n in used},
+                         "outputs": _shapes(outputs, res)}
+        return {**_meta("multistage", net.arch, in_channels, classes, mean, std, thresholds, net.stage_macs),
+                "stages": stages, "files": [st["file"] for st in stages]}
+
+    return _write_folder(out, write)
+
+
+@torch.no_grad()
+def export_static(net: nn.Module, arch: SubnetArch, out: str | Path, *, macs: int, classes: Sequence[str],
+                  mean: Sequence[float], std: Sequence[float]) -> Path:
+    """Write static subnet ``net`` (``supernet.extract(arch)``, BN recalibrated) as a one-graph deployed folder."""
+    net = net.cpu().to(memory_format=torch.contiguous_format).eval()
+    in_channels = _in_channels(net)
+
+    def write(tmp: Path) -> dict:
+        x = torch.randn(2, in_channels, arch.resolution, arch.resolution)
+        _onnx(net, (x,), [IMAGE], [LOGITS], tmp / "static.onnx")
+        io = {"file": "static.onnx", "inputs": _shapes([IMAGE], [x]), "outputs": _shapes([LOGITS], [net(x)])}
+        return {**_meta("static", arch, in_channels, classes, mean, std, [], [macs]), "stages": [io],
+                "files": ["static.onnx"]}
+
+    return _write_folder(out, write)
+
+
+def recalibrated(msnet: MultiStageNet, arch: MultiStageArch | SubnetArch, calib: Tensor,
+                 batch_size: int) -> nn.Module:
+    """``arch`` exported (multi-stage) or extracted (static), BN recalibrated on ``calib`` (native resolution) at
+    the arch's resolution as ``database.evaluate_arch`` does it; eval mode, on ``msnet``'s device."""
+    dev = next(msnet.parameters()).device
+    fmt = memory_format(dev)
+    net = msnet.export(arch) if isinstance(arch, MultiStageArch) else msnet.supernet.extract(arch)
+    return recalibrate_bn(net.to(memory_format=fmt), at_resolution(calib.to(dev), arch.resolution), batch_size,
+                          fmt=fmt)
+
+
+# ---------------------------------------------------------------------------------------------- command line
+
+
+def export_searched(cfg, searched: str | Path, out: str | Path) -> list[Path]:
+    """Every target of ``searched`` (the search stage's archs.json): ``<out>/multistage-<t>`` and ``static-<t>``."""
+    from enas4d import pipeline  # pipeline pulls in training code the export functions above do not need
+
+    path = Path(searched)
+    try:
+        found = json.loads(path.read_text())
+        entries = [(m["target"], MultiStageArch.from_dict(m["arch"]), m["thresholds"], s["target"],
+                    SubnetArch.from_dict(s["arch"])) for m, s in zip(found["multistage"], found["static"], strict=True)]
+    except FileNotFoundError:
+        raise ValueError(f"{path}: missing; run the search stage first (dvc repro search)") from None
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
+        raise ValueError(f"{path}: not a search result ({type(err).__name__}: {err})") from None
+    msnet = pipeline.load_multistage(cfg)
+    splits = pipeline.splits(cfg)
+    calib = pipeline.calib_images(cfg, splits["train"])
+    tr = splits["train"]
+    info = {"classes": tr.classes, "mean": tr.mean, "std": tr.std}
+    batch = cfg.database.batch_size
+    spec = msnet.supernet.spec
+    written = []
+    for t, arch, thresholds, t_static, static in entries:
+        written.append(export_multistage(recalibrated(msnet, arch, calib, batch), thresholds,
+                                         Path(out) / f"multistage-{t:g}", **info))
+        written.append(export_static(recalibrated(msnet, static, calib, batch), static,
+                                     Path(out) / f"static-{t_static:g}", macs=cost.subnet_macs(spec, static), **info))
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Export the searched nets of the pipeline to ONNX folders (run from the project root)."""
+    parser = argparse.ArgumentParser(prog="python -m enas4d.deploy", description=main.__doc__)
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--searched", default="searched/archs.json")
+    parser.add_argument("--out", default="deployed")
+    args = parser.parse_args(argv)
+    from enas4d import config, pipeline
+
+    try:
+        cfg = config.load(args.params)
+        pipeline.set_threads(cfg)
+        for p in export_searched(cfg, args.searched, args.out):
+            print(p)
+    except ValueError as err:  # ConfigError, DataError, CheckpointError, DeployError are ValueErrors
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
