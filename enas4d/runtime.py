@@ -138,6 +138,10 @@ class EarlyExitSession:
             except Exception as err:  # ONNX Runtime raises its own types for unreadable graphs
                 raise DeployError(f"{path}: ONNX Runtime cannot load it ({str(err).splitlines()[0]})") from None
             self._check_io(path, sess, st)
+            width = sess.get_outputs()[0].shape[-1]
+            if sess.get_outputs()[0].name != LOGITS or width != len(self.classes):
+                raise DeployError(f"{path}: first output {sess.get_outputs()[0].name!r} of width {width}, expected "
+                                  f"{LOGITS!r} over the manifest's {len(self.classes)} classes")
             self._stages.append((sess, list(st["inputs"]), list(st["outputs"])))
         # After stage s, only what a later stage reads is kept (and pruned to the samples that stay).
         self._later = [set().union(*(self._stages[t][1] for t in range(s + 1, self.num_stages)))

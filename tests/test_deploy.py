@@ -13,8 +13,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 
-from enas4d import cost, deploy
+from enas4d import config, cost, data, deploy, latency, pipeline, train
+from enas4d.deploy.__main__ import main
 from enas4d.multistage import MultiStageNet
 from enas4d.runtime import MANIFEST, DeployError, EarlyExitSession, sha256
 from enas4d.space import MultiStageArch, SearchSpace, SubnetArch
@@ -85,7 +87,7 @@ def test_searched_like_arch_has_a_pass_stage_and_depth_catch_up(setup):
 def test_runtime_early_exit_equals_torch(setup, tmp_path, which):
     msnet, space, images, calib = setup
     arch = archs(space)[which]
-    net = deploy.recalibrated(msnet, arch, calib, 64)
+    net = latency.deploy(msnet, arch, calib, 64)
     x = resize(images, arch.resolution).contiguous()
     with torch.no_grad():
         stages = net(x)
@@ -115,7 +117,7 @@ def test_runtime_early_exit_equals_torch(setup, tmp_path, which):
 def test_threads_parameter_gives_the_same_answers(setup, tmp_path):
     msnet, space, images, calib = setup
     arch = archs(space)[0]
-    folder = deploy.export_multistage(deploy.recalibrated(msnet, arch, calib, 64), [0.5, 0.5], tmp_path / "n", **INFO)
+    folder = deploy.export_multistage(latency.deploy(msnet, arch, calib, 64), [0.5, 0.5], tmp_path / "n", **INFO)
     x = resize(images, arch.resolution).numpy()
     a, b = EarlyExitSession(folder, threads=1).run(x), EarlyExitSession(folder, threads=2).run(x)
     np.testing.assert_array_equal(a.exit_stage, b.exit_stage)
@@ -127,7 +129,7 @@ def test_threads_parameter_gives_the_same_answers(setup, tmp_path):
 def test_static_export_equals_extracted_subnet(setup, tmp_path):
     msnet, space, images, calib = setup
     arch = space.sample_subnet(np.random.default_rng(5))
-    net = deploy.recalibrated(msnet, arch, calib, 64)
+    net = latency.deploy(msnet, arch, calib, 64)
     folder = deploy.export_static(net, arch, tmp_path / "static", macs=cost.subnet_macs(SPEC, arch), **INFO)
     x = resize(images, arch.resolution).contiguous()
     with torch.no_grad():
@@ -144,7 +146,7 @@ def folder(setup, tmp_path_factory) -> tuple[Path, np.ndarray, np.ndarray]:
     """One exported 3-stage folder, its (resized) images and torch's predictions at thresholds 0.5."""
     msnet, space, images, calib = setup
     arch = searched_like(space)
-    net = deploy.recalibrated(msnet, arch, calib, 64)
+    net = latency.deploy(msnet, arch, calib, 64)
     x = resize(images, arch.resolution).contiguous()
     out = deploy.export_multistage(net, [0.5, 0.5], tmp_path_factory.mktemp("dep") / "net", **INFO)
     return out, x.numpy(), net.early_exit(x, [0.5, 0.5]).pred.numpy()
@@ -210,7 +212,7 @@ def test_graph_of_another_resolution_names_the_file(setup, folder, tmp_path):
     other = space.sample(np.random.default_rng(7))
     other = MultiStageArch(24 if searched_like(space).resolution == 28 else 28, other.depths, other.kernels,
                            other.expands)
-    o = deploy.export_multistage(deploy.recalibrated(msnet, other, calib, 64), [0.5, 0.5], tmp_path / "other", **INFO)
+    o = deploy.export_multistage(latency.deploy(msnet, other, calib, 64), [0.5, 0.5], tmp_path / "other", **INFO)
     shutil.copy(o / "stage1.onnx", d / "stage1.onnx")
     m = json.loads((d / MANIFEST).read_text())
     _edit_manifest(d, files={**m["files"], "stage1.onnx": sha256(d / "stage1.onnx")})
@@ -246,7 +248,33 @@ def test_wrong_image_shape_is_refused(folder):
 
 def test_export_refuses_wrong_thresholds(setup, tmp_path):
     msnet, space, _, calib = setup
-    net = deploy.recalibrated(msnet, archs(space)[0], calib, 64)
+    net = latency.deploy(msnet, archs(space)[0], calib, 64)
     with pytest.raises(ValueError, match="thresholds"):
         deploy.export_multistage(net, [0.5], tmp_path / "n", **INFO)
     assert not (tmp_path / "n").exists()
+
+
+def test_cli_exports_the_searched_nets(fmnist_prepared, tmp_path, monkeypatch, capsys):
+    params = yaml.safe_load((ROOT / "profiles/smoke.yaml").read_text())
+    params["data"]["out"] = str(fmnist_prepared)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    monkeypatch.chdir(tmp_path)
+    cfg = config.load("params.yaml")
+    space = pipeline.space(cfg)
+    train.save_supernet(pipeline.MULTISTAGE, pipeline.new_supernet(cfg), space=space)
+    assert main(["--out", "deployed"]) == 1
+    assert "searched/archs.json: missing" in capsys.readouterr().err
+    rng = np.random.default_rng(0)
+    arch, static = space.sample(rng), space.sample_subnet(rng)
+    S = space.stages
+    pipeline.SEARCHED.parent.mkdir()
+    pipeline.SEARCHED.write_text(json.dumps({
+        "multistage": [{"target": 1.5, "arch": arch.to_dict(), "thresholds": [0.6] * (S - 1)}],
+        "static": [{"target": 1.5, "arch": static.to_dict()}]}))
+    assert main(["--out", "deployed"]) == 0
+    ms, st = EarlyExitSession("deployed/multistage-1.5"), EarlyExitSession("deployed/static-1.5")
+    split = data.load_split(fmnist_prepared, "train")
+    assert ms.classes == st.classes == list(split.classes) == list(data.FMNIST_CLASSES)
+    assert ms.manifest["normalization"]["mean"] == list(split.mean) and ms.thresholds == [0.6] * (S - 1)
+    assert ms.manifest["arch"] == arch.to_dict() and st.manifest["arch"] == static.to_dict()
+    assert st.stage_macs.tolist() == [cost.subnet_macs(SPEC, static)]

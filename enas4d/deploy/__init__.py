@@ -12,10 +12,8 @@ with shapes, and the SHA-256 of every file. A static subnet is the same layout w
 
 Exporter: the TorchScript-based ``torch.onnx.export(dynamo=False)`` (docs/DESIGN.md, "Deployment").
 
-    python -m enas4d.deploy [--params params.yaml] [--searched searched/archs.json] [--out deployed]
-
-exports every searched target's multi-stage net and static subnet with the fine-tuned weights, BN
-recalibrated on the pipeline's calibration images exactly as the database and search evaluate them.
+This package is the library (it imports no pipeline glue, so ``enas4d.latency`` can time ONNX ops with it);
+``python -m enas4d.deploy`` (``__main__.py``) exports the pipeline's searched nets.
 """
 
 from __future__ import annotations
@@ -33,17 +31,14 @@ import onnx
 import torch
 from torch import Tensor, nn
 
-from enas4d import cost
-from enas4d.database import at_resolution
-from enas4d.evaluate import memory_format, recalibrate_bn
-from enas4d.multistage import ExportedMultiStageNet, MultiStageNet, StageCache, _BlockState, _run_stage
+from enas4d.multistage import ExportedMultiStageNet, StageCache, _BlockState, _run_stage
 from enas4d.runtime import FORMAT, IMAGE, LOGITS, MANIFEST, NEXT, EarlyExitSession, sha256
 from enas4d.space import MultiStageArch, SubnetArch
 
 OPSET = 17
 FEATURES = "features"
 
-__all__ = ["EarlyExitSession", "export_multistage", "export_static", "recalibrated", "main"]
+__all__ = ["EarlyExitSession", "export_multistage", "export_static", "to_onnx"]
 
 
 # ---------------------------------------------------------------------------------------------- stage graphs
@@ -112,7 +107,7 @@ def _shapes(names: list[str], tensors: Sequence[Tensor]) -> dict[str, list]:
     return {n: [None, *t.shape[1:]] for n, t in zip(names, tensors)}
 
 
-def _onnx(module: nn.Module, args: tuple[Tensor, ...], inputs: list[str], outputs: list[str], path: Path) -> None:
+def to_onnx(module: nn.Module, args: tuple[Tensor, ...], inputs: list[str], outputs: list[str], path: Path) -> None:
     """Trace ``module`` to ONNX at ``path`` with a dynamic batch axis on every input and output."""
     with warnings.catch_warnings():
         # The TorchScript exporter announces its deprecation on every call (choice: docs/DESIGN.md, "Deployment").
@@ -192,7 +187,7 @@ def export_multistage(net: ExportedMultiStageNet, thresholds: Sequence[float], o
             graph = _StageGraph(net, s, inputs, outputs).eval()
             res = graph(*examples[s])
             name = f"stage{s + 1}.onnx"
-            _onnx(graph, examples[s], inputs, outputs, tmp / name)
+            to_onnx(graph, examples[s], inputs, outputs, tmp / name)
             used = [i.name for i in onnx.load(tmp / name, load_external_data=False).graph.input]
             pending = (pending - set(_produced(net, s))) | set(used)
             stages[s] = {"file": name, "inputs": {n: shape for n, shape in _shapes(inputs, examples[s]).items()
@@ -213,76 +208,9 @@ def export_static(net: nn.Module, arch: SubnetArch, out: str | Path, *, macs: in
 
     def write(tmp: Path) -> dict:
         x = torch.randn(2, in_channels, arch.resolution, arch.resolution)
-        _onnx(net, (x,), [IMAGE], [LOGITS], tmp / "static.onnx")
+        to_onnx(net, (x,), [IMAGE], [LOGITS], tmp / "static.onnx")
         io = {"file": "static.onnx", "inputs": _shapes([IMAGE], [x]), "outputs": _shapes([LOGITS], [net(x)])}
         return {**_meta("static", arch, in_channels, classes, mean, std, [], [macs]), "stages": [io],
                 "files": ["static.onnx"]}
 
     return _write_folder(out, write)
-
-
-def recalibrated(msnet: MultiStageNet, arch: MultiStageArch | SubnetArch, calib: Tensor,
-                 batch_size: int) -> nn.Module:
-    """``arch`` exported (multi-stage) or extracted (static), BN recalibrated on ``calib`` (native resolution) at
-    the arch's resolution as ``database.evaluate_arch`` does it; eval mode, on ``msnet``'s device."""
-    dev = next(msnet.parameters()).device
-    fmt = memory_format(dev)
-    net = msnet.export(arch) if isinstance(arch, MultiStageArch) else msnet.supernet.extract(arch)
-    return recalibrate_bn(net.to(memory_format=fmt), at_resolution(calib.to(dev), arch.resolution), batch_size,
-                          fmt=fmt)
-
-
-# ---------------------------------------------------------------------------------------------- command line
-
-
-def export_searched(cfg, searched: str | Path, out: str | Path) -> list[Path]:
-    """Every target of ``searched`` (the search stage's archs.json): ``<out>/multistage-<t>`` and ``static-<t>``."""
-    from enas4d import pipeline  # pipeline pulls in training code the export functions above do not need
-
-    path = Path(searched)
-    try:
-        found = json.loads(path.read_text())
-        entries = [(m["target"], MultiStageArch.from_dict(m["arch"]), m["thresholds"], s["target"],
-                    SubnetArch.from_dict(s["arch"])) for m, s in zip(found["multistage"], found["static"], strict=True)]
-    except FileNotFoundError:
-        raise ValueError(f"{path}: missing; run the search stage first (dvc repro search)") from None
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
-        raise ValueError(f"{path}: not a search result ({type(err).__name__}: {err})") from None
-    msnet = pipeline.load_multistage(cfg)
-    splits = pipeline.splits(cfg)
-    calib = pipeline.calib_images(cfg, splits["train"])
-    tr = splits["train"]
-    info = {"classes": tr.classes, "mean": tr.mean, "std": tr.std}
-    batch = cfg.database.batch_size
-    spec = msnet.supernet.spec
-    written = []
-    for t, arch, thresholds, t_static, static in entries:
-        written.append(export_multistage(recalibrated(msnet, arch, calib, batch), thresholds,
-                                         Path(out) / f"multistage-{t:g}", **info))
-        written.append(export_static(recalibrated(msnet, static, calib, batch), static,
-                                     Path(out) / f"static-{t_static:g}", macs=cost.subnet_macs(spec, static), **info))
-    return written
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Export the searched nets of the pipeline to ONNX folders (run from the project root)."""
-    parser = argparse.ArgumentParser(prog="python -m enas4d.deploy", description=main.__doc__)
-    parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--searched", default="searched/archs.json")
-    parser.add_argument("--out", default="deployed")
-    args = parser.parse_args(argv)
-    from enas4d import config, pipeline
-
-    try:
-        cfg = config.load(args.params)
-        pipeline.set_threads(cfg)
-        for p in export_searched(cfg, args.searched, args.out):
-            print(p)
-    except ValueError as err:  # ConfigError, DataError, CheckpointError, DeployError are ValueErrors
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
