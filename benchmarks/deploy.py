@@ -1,7 +1,7 @@
 """Benchmark: the ONNX Runtime deployment (``enas4d.deploy``) against eager PyTorch, in one run.
 
     nice -n 10 python -m benchmarks.deploy [--params params.yaml] [--archs 3] [--repeats 40] [--batch 256]
-                                           [--batch-repeats 7]
+                                           [--batch-repeats 11] [--lut-archs 20] [--calib-archs 10]
 
 Weights: the fine-tuned ``checkpoints/multistage.pt`` when it exists, else a freshly initialised supernet of
 the params' preset with sorted channels (latency does not depend on weight values; the file records which).
@@ -18,6 +18,9 @@ seeded random multi-stage nets of the params' space.
    with the MACs ratio beside it.
 3. **Latency vs MACs**: a least-squares line ms = a + b * MMACs over every (net, stage) point of part 1, per
    backend, with R^2 and the per-point ms/MMAC spread.
+4. **Op latency tables**: the runtime table (``latency.build_runtime_table``, its per-op correction fitted on
+   ``--calib-archs`` other random archs) and the eager one (``latency.build_table``) predict the per-stage
+   early-exit latency of ``--lut-archs`` random archs measured in the same rounds: mean and max absolute error.
 
 Writes ``reports/benchmarks/deploy.json``. On a shared machine quote the ratios, not the absolute times.
 """
@@ -35,7 +38,7 @@ import onnxruntime as ort
 import torch
 
 from benchmarks._common import write_json
-from enas4d import config, cost, deploy, pipeline
+from enas4d import config, cost, deploy, latency, pipeline
 from enas4d.evaluate import memory_format
 from enas4d.latency import time_interleaved, torch_threads
 from enas4d.multistage import MultiStageNet
@@ -78,14 +81,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=40, help="interleaved rounds at batch 1")
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--batch", type=int, default=256)
-    parser.add_argument("--batch-repeats", type=int, default=7)
+    parser.add_argument("--batch-repeats", type=int, default=11)
+    parser.add_argument("--lut-archs", type=int, default=20, help="random archs the op tables are checked on")
+    parser.add_argument("--calib-archs", type=int, default=10, help="other archs the runtime table's correction fits")
+    parser.add_argument("--lut-repeats", type=int, default=20)
     args = parser.parse_args(argv)
     cfg = config.load(args.params)
     msnet, weights = load_net(cfg)
     space, spec = pipeline.space(cfg), pipeline.spec(cfg)
     static_space = replace(space, stages=1)
     rng = np.random.default_rng(cfg.seed)
-    statics: dict[str, SubnetArch] = {"static_smallest": static_space.smallest(), "static_largest": static_space.largest()}
+    statics: dict[str, SubnetArch] = {"static_smallest": static_space.smallest(),
+                                      "static_largest": static_space.largest()}
     multis: dict[str, MultiStageArch] = {"multistage_smallest": space.smallest_multistage(),
                                          "multistage_largest": space.largest_multistage(),
                                          **{f"multistage_random{i}": space.sample(rng) for i in range(args.archs)}}
@@ -134,6 +141,27 @@ def main(argv: list[str] | None = None) -> None:
                                                                    / cost.subnet_macs(spec, last))
         t2 = time_interleaved(big, 1, args.batch_repeats, cfg.seed)
 
+    # Part 4: op latency tables against measured per-stage latency of random archs (fresh weights: `build_*table`).
+    lut_rng = np.random.default_rng(cfg.seed + 1)
+    check = [space.sample(lut_rng) for _ in range(args.lut_archs)]
+    calibrate = [space.sample(lut_rng) for _ in range(args.calib_archs)]
+    rt_lut, rt_measured = latency.build_runtime_table(spec, space, threads=1, warmup=args.warmup,
+                                                      repeats=args.lut_repeats, seed=cfg.seed, calibrate=calibrate,
+                                                      check=check)
+    eager_lut, eager_measured = latency.build_table(spec, space, threads=1, warmup=args.warmup,
+                                                    repeats=args.lut_repeats, seed=cfg.seed, check=check)
+    eager_rows = latency.compare(eager_lut, spec, check, eager_measured)
+    tables = {"runtime": latency.compare_runtime(rt_lut, spec, check, rt_measured),
+              "eager": eager_rows[eager_rows["mode"] == "early_exit"]}
+    luts = {name: {"clock": lut.clock, "seconds_to_build": lut.meta["seconds"],
+                   "mean_abs_error_pct": float(rows.error_pct.abs().mean()),
+                   "max_abs_error_pct": float(rows.error_pct.abs().max()),
+                   "per_stage": latency.summarize(rows).drop(columns="mode").to_dict("records")}
+            for (name, rows), lut in zip(tables.items(), (rt_lut, eager_lut))}
+    luts["runtime"]["op_correction_ms"] = rt_lut.meta["op_correction_ms"]
+    luts["runtime"]["call_overhead_ms"] = rt_lut.meta["call_overhead_ms"]
+    luts["archs"], luts["calibration_archs"] = len(check), len(calibrate)
+
     clocks = ("thread_cpu", "wall")
     batch1 = {}
     for name, m in meta.items():
@@ -170,8 +198,11 @@ def main(argv: list[str] | None = None) -> None:
                                                  for c in clocks},
             "macs_ratio_median": statistics.median(v["macs_ratio"] for v in incremental.values()),
             "latency_vs_mmacs_fit_thread_cpu": {b: fit(p) for b, p in points.items()},
+            "lut_mean_abs_error_pct": {b: luts[b]["mean_abs_error_pct"] for b in ("runtime", "eager")},
+            "lut_max_abs_error_pct": {b: luts[b]["max_abs_error_pct"] for b in ("runtime", "eager")},
         },
         "incremental_batch": incremental,
+        "latency_tables": luts,
     })
 
 

@@ -161,7 +161,8 @@ def test_folder_runs_in_a_fresh_process_with_onnxruntime_and_numpy_only(folder, 
             "mods = sorted({m.split('.')[0] for m in sys.modules})\n"
             "print(json.dumps({'pred': r.pred.tolist(), 'mods': mods}))\n")
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True, cwd=tmp_path)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True,
+                         cwd=tmp_path)
     got = json.loads(out.stdout)
     assert "torch" not in got["mods"] and "onnxruntime" in got["mods"]
     assert not {"pandas", "scipy", "torchvision"} & set(got["mods"])
