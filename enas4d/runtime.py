@@ -87,10 +87,12 @@ def read_manifest(folder: str | Path) -> dict:
         raise DeployError(f"{path}: stage_macs: {len(m['stage_macs'])} values for {S} stages")
     produced = {IMAGE}
     for s, st in enumerate(m["stages"]):
-        for name in st.get("inputs", {}):
+        if not isinstance(st, dict) or not all(isinstance(st.get(k), dict) for k in ("inputs", "outputs")):
+            raise DeployError(f"{path}: stages[{s}]: expected an object with file, inputs and outputs")
+        for name in st["inputs"]:
             if name not in produced:
                 raise DeployError(f"{path}: stages[{s}].inputs: {name!r} is made by no earlier stage")
-        produced |= {name.removeprefix(NEXT) for name in st.get("outputs", {})}
+        produced |= {name.removeprefix(NEXT) for name in st["outputs"]}
         if st.get("file") not in m["files"]:
             raise DeployError(f"{path}: stages[{s}].file: {st.get('file')!r} is not listed in files")
     return m
@@ -125,7 +127,6 @@ class EarlyExitSession:
         opts.inter_op_num_threads = 1
         opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         opts.log_severity_level = 3  # errors only: the checks below report in one line
-        self.threads = threads
         self._stages: list[tuple[ort.InferenceSession, list[str], list[str]]] = []
         for st in m["stages"]:
             path = self.folder / st["file"]

@@ -18,13 +18,12 @@ This package is the library (it imports no pipeline glue, so ``enas4d.latency`` 
 
 from __future__ import annotations
 
-import argparse
+import copy
 import json
 import os
 import shutil
-import sys
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import onnx
@@ -127,7 +126,7 @@ def _in_channels(net: nn.Module) -> int:
     return next(m for m in net.modules() if isinstance(m, nn.Conv2d)).in_channels
 
 
-def _write_folder(out: str | Path, write) -> Path:
+def _write_folder(out: str | Path, write: Callable[[Path], dict]) -> Path:
     """Build the folder in ``<out>.tmp-<pid>`` (``write(tmp) -> manifest``), then swap it into place."""
     out = Path(out)
     tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
@@ -166,12 +165,13 @@ def export_multistage(net: ExportedMultiStageNet, thresholds: Sequence[float], o
     S = net.plan.num_stages
     if len(thresholds) != S - 1:
         raise ValueError(f"export_multistage: {S} stages need {S - 1} thresholds, got {len(thresholds)}")
-    net = net.cpu().to(memory_format=torch.contiguous_format).eval()
+    net = copy.deepcopy(net).cpu().to(memory_format=torch.contiguous_format).eval()  # the caller's net stays as is
     in_channels = _in_channels(net)
+    g = torch.Generator().manual_seed(0)  # example inputs only fix shapes; the global RNG stays untouched
 
     def write(tmp: Path) -> dict:
         # Example inputs of every stage: run all stages eagerly, each returning everything it computes anew.
-        state = {IMAGE: torch.randn(2, in_channels, net.resolution, net.resolution)}
+        state = {IMAGE: torch.randn(2, in_channels, net.resolution, net.resolution, generator=g)}
         examples = []
         for s in range(S):
             inputs, made = _needed(net, s), [NEXT + n for n in _produced(net, s)]
@@ -203,11 +203,11 @@ def export_multistage(net: ExportedMultiStageNet, thresholds: Sequence[float], o
 def export_static(net: nn.Module, arch: SubnetArch, out: str | Path, *, macs: int, classes: Sequence[str],
                   mean: Sequence[float], std: Sequence[float]) -> Path:
     """Write static subnet ``net`` (``supernet.extract(arch)``, BN recalibrated) as a one-graph deployed folder."""
-    net = net.cpu().to(memory_format=torch.contiguous_format).eval()
+    net = copy.deepcopy(net).cpu().to(memory_format=torch.contiguous_format).eval()
     in_channels = _in_channels(net)
 
     def write(tmp: Path) -> dict:
-        x = torch.randn(2, in_channels, arch.resolution, arch.resolution)
+        x = torch.randn(2, in_channels, arch.resolution, arch.resolution, generator=torch.Generator().manual_seed(0))
         to_onnx(net, (x,), [IMAGE], [LOGITS], tmp / "static.onnx")
         io = {"file": "static.onnx", "inputs": _shapes([IMAGE], [x]), "outputs": _shapes([LOGITS], [net(x)])}
         return {**_meta("static", arch, in_channels, classes, mean, std, [], [macs]), "stages": [io],
