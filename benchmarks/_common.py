@@ -17,9 +17,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from enas4d import files
+from enas4d import config, files
+from enas4d.space import SearchSpace
+from enas4d.supernet import PRESETS, SupernetSpec
 
 OUT = Path(__file__).resolve().parents[1] / "reports" / "benchmarks"
+
+
+def spec_space(cfg: config.Config) -> tuple[SupernetSpec, SearchSpace]:
+    """The preset and search space of ``cfg`` (benchmarks time library code and import no pipeline glue)."""
+    s = cfg.supernet
+    spec = PRESETS[s.preset]
+    return spec, SearchSpace(units=len(spec.units), resolutions=tuple(s.resolutions), depths=tuple(s.depths),
+                             expands=tuple(s.expands), kernels=tuple(s.kernels), stages=cfg.finetune.stages)
 
 
 def time_ms(fn: Callable[[], object], repeats: int, warmup: int = 1) -> dict:

@@ -155,6 +155,7 @@ class LatencyConfig:
     targets: tuple[float, ...] = _rule(**POSITIVE)
     top_k: int = _rule(**POSITIVE)  # predicted-best archs per latency target re-evaluated for real
     check_archs: int = _rule(**POSITIVE)  # random archs whose measured per-stage latency checks the table
+    calibrate_archs: int = _rule(**POSITIVE)  # other random archs that fit the runtime table's per-op correction
     timed_images: int = _rule(**POSITIVE)  # test images timed one at a time (batch 1)
 
 

@@ -34,6 +34,7 @@ import json
 import os
 import platform
 import statistics
+import tempfile
 import time
 from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -42,17 +43,20 @@ from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
+import onnxruntime as ort
 import pandas as pd
 import torch
 from torch import Tensor, nn
 
 from enas4d.cost import slot_sides
+from enas4d.deploy import export_multistage, to_onnx
 from enas4d.evaluate import memory_format
 from enas4d.files import write_json
 from enas4d.multistage import (BlockState, BlockStep, ExportedMultiStageNet, MultiStageMBConv, MultiStageNet, Plan,
                                StageCache, mbconv_stage, run_early_exit)
 from enas4d.plan import restart_slots
 from enas4d.progress import bar
+from enas4d.runtime import FORMAT, IMAGE, LOGITS, MANIFEST, NEXT, EarlyExitSession, sha256
 from enas4d.space import MultiStageArch, SearchSpace
 from enas4d.supernet import OFAMobileNetV3, SupernetSpec, resize
 from enas4d.thresholds import Best, search
@@ -424,9 +428,17 @@ def stage_latency(lut: LatencyTable, spec: SupernetSpec, arch: MultiStageArch, *
     return out
 
 
+def price(lut: LatencyTable, spec: SupernetSpec, arch: MultiStageArch) -> list[float]:
+    """Cumulative early-exit latency per stage of ``arch`` by the table's backend: `runtime_stage_latency` for a
+    `build_runtime_table` table (ONNX Runtime), `stage_latency` for an eager one."""
+    if lut.meta.get("backend") == "onnxruntime":
+        return runtime_stage_latency(lut, spec, arch)
+    return stage_latency(lut, spec, arch)
+
+
 def costs(lut: LatencyTable, spec: SupernetSpec, archs: Sequence[MultiStageArch]) -> np.ndarray:
-    """Early-exit `stage_latency` of many archs, ``[A, S]`` float64: the cost column of a database for the search."""
-    return np.array([stage_latency(lut, spec, a) for a in archs], dtype=np.float64)
+    """Early-exit `price` of many archs, ``[A, S]`` float64: the cost column of a database for the search."""
+    return np.array([price(lut, spec, a) for a in archs], dtype=np.float64)
 
 
 # ---------------------------------------------------------------------------------------------- measuring nets
@@ -556,3 +568,269 @@ def cheapest_thresholds(conf: np.ndarray, correct: np.ndarray, cost: np.ndarray,
         else:
             lo = mid
     return top
+
+
+# ---------------------------------------------------------------------------------------------- ONNX Runtime table
+# The same ops and keys as `build_table`, timed as ONNX Runtime graphs (the deployment of `enas4d.deploy`), so
+# `stage_latency` prices an `enas4d.runtime.EarlyExitSession` instead of eager PyTorch. In a deployed folder a
+# stage is *one* graph, so one session call per stage: every op graph's own call overhead (measured on trivial
+# graphs with as many inputs and outputs) is taken off its time, and the per-stage costs go to the bookkeeping
+# entries: ``exit`` = a call of a trivial 1-stage inference that leaves at stage 1 (session call, softmax, exit
+# decision), ``exit_pass`` = each further stage's call and decision, ``keep_tensor`` = each reused tensor a stage
+# graph reads (feeding it to the session, pruning it).
+
+
+class _Graph(nn.Module):
+    """A function of tensors over ``modules`` as a module ONNX export can trace."""
+
+    def __init__(self, fn: Callable[..., object], *modules: nn.Module) -> None:
+        super().__init__()
+        self.fn = fn
+        self.parts = nn.ModuleList(modules)
+
+    def forward(self, *xs: Tensor) -> object:
+        return self.fn(*xs)
+
+
+def _ort_call(graph: nn.Module, args: tuple[Tensor, ...], path: Path, threads: int) -> tuple[Callable[[], object], int]:
+    """``graph`` exported to ``path`` and loaded in ONNX Runtime: a timed call on ``args`` and its input+output count."""
+    n_out = len(out) if isinstance(out := graph(*args), tuple) else 1
+    ins, outs = [f"i{i}" for i in range(len(args))], [f"o{i}" for i in range(n_out)]
+    to_onnx(graph, args, ins, outs, path)
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
+    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    feed = {a.name: args[int(a.name[1:])].numpy() for a in sess.get_inputs()}
+    return (lambda: sess.run(None, feed)), len(feed) + n_out
+
+
+def _runtime_block(supernet: OFAMobileNetV3, slot: int, side: int, start: int, stop: int,
+                   kernel: int) -> tuple[nn.Module, tuple[Tensor, ...]]:
+    """One stage's computation in a block (as `_block_call`) as a graph: ``(x[, z, pooled]) -> (y, z[, pooled])``;
+    ``start == stop`` is a pass ``(x, z) -> y``."""
+    elastic = supernet.blocks[slot]
+    steps = {0: BlockStep(slot, 0, start, kernel), 1: BlockStep(slot, start, stop, kernel)} if start else \
+        {0: BlockStep(slot, 0, stop, kernel)}
+    block = MultiStageMBConv(elastic, steps, len(steps)).eval()
+    x = torch.randn(1, elastic.spec.in_channels, side, side)
+    stage, state = len(steps) - 1, BlockState()
+    if stage:
+        mbconv_stage(block, state, x, steps[0], 0)
+    step = steps[stage]
+    if not step.new:
+        return _Graph(lambda x, z: mbconv_stage(block, BlockState(z), x, step, stage), block), (x, state.z)
+
+    def run(x: Tensor, *prev: Tensor) -> tuple[Tensor, ...]:
+        st = BlockState(prev[0], list(prev[1:])) if prev else BlockState()
+        y = mbconv_stage(block, st, x, step, stage)
+        return (y, st.z, torch.cat(st.pooled, 1)) if st.pooled else (y, st.z)
+
+    return _Graph(run, block), (x, state.z, *state.pooled[:1]) if stage else (x,)
+
+
+def _trivial_folder(out: Path, stages: int, tensors: int, classes: int) -> Path:
+    """A deployed folder (1x1x1 "images") whose graphs compute next to nothing but pass ``tensors`` reused tensors
+    between stages: what is left of an `EarlyExitSession` inference is its per-stage calls and bookkeeping."""
+    names = [f"t{i}" for i in range(tensors)]
+    image, t = torch.randn(2, 1, 1, 1), torch.randn(2, classes)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = []
+    for s in range(stages):
+        ins, args = ([IMAGE], (image,)) if s == 0 else (names, (t,) * tensors)
+        outs = [LOGITS, *(NEXT + n for n in names)] if s < stages - 1 else [LOGITS]
+
+        def fn(*xs: Tensor, first: bool = s == 0, k: int = len(outs) - 1) -> tuple[Tensor, ...]:
+            z = xs[0].flatten(1).expand(-1, classes) + 0.0 if first else sum(xs)
+            return (z, *(z + i for i in range(k)))
+
+        to_onnx(_Graph(fn), args, ins, outs, out / f"stage{s + 1}.onnx")
+        res = fn(*args)
+        meta.append({"file": f"stage{s + 1}.onnx", "inputs": {n: [None, *a.shape[1:]] for n, a in zip(ins, args)},
+                     "outputs": {n: [None, *r.shape[1:]] for n, r in zip(outs, res)}})
+    manifest = {"format": FORMAT, "kind": "bookkeeping", "resolution": 1, "in_channels": 1,
+                "classes": [str(i) for i in range(classes)], "normalization": {}, "thresholds": [0.5] * (stages - 1),
+                "stage_macs": [0] * stages, "stages": meta,
+                "files": {m["file"]: sha256(out / m["file"]) for m in meta}}
+    write_json(out / MANIFEST, manifest)
+    return out
+
+
+def _exit_thresholds(stage: int, stages: int) -> list[float]:
+    """Thresholds under which every sample leaves after ``stage`` (0-based): T = 1 never exits, T = 0 always does."""
+    return [1.0] * stage + [0.0] * (stages - 1 - stage)
+
+
+@torch.inference_mode()
+def build_runtime_table(spec: SupernetSpec, space: SearchSpace, *, threads: int, warmup: int, repeats: int,
+                        seed: int = 0, calibrate: Sequence[MultiStageArch] = (),
+                        check: Sequence[MultiStageArch] = ()) -> tuple[LatencyTable, pd.DataFrame]:
+    """`build_table` for ONNX Runtime: the same op keys, each op an ONNX graph on ``threads`` intra-op threads, and
+    the ``calibrate`` and ``check`` archs deployed (``enas4d.deploy.export_multistage``) and run by
+    `EarlyExitSession` leaving at stage 1..S, all in the same interleaved rounds.
+
+    A lone op graph's call costs more than the trivial graphs' overhead says (output allocation, cold weights):
+    ``meta["op_correction_ms"]`` is that extra cost per live op, the least-squares fit of the ``calibrate`` archs'
+    measured stage times minus their table sums (use archs other than the ``check`` ones, which test the table).
+    Returns the table (``meta["backend"] == "onnxruntime"``) and the check rows (mode ``early_exit``) for
+    `compare_runtime`.
+    """
+    if space.stages < 2:
+        raise ValueError(f"a latency table prices multi-stage archs; the space has {space.stages} stage")
+    for a in check:
+        space.check(a)
+    keys = op_keys(spec, space)
+    start_time, load_before = time.perf_counter(), os.getloadavg()[0]
+    with tempfile.TemporaryDirectory() as tmp_dir, torch.random.fork_rng(devices=[]), torch_threads(1):
+        tmp = Path(tmp_dir)
+        torch.manual_seed(seed)
+        supernet = OFAMobileNetV3(spec, space).eval()
+        slot_of = {(u, first): slot for u, first, slot in _shapes(space)}
+        stem = nn.Sequential(supernet.stem, supernet.first_block)
+        calls: dict[Hashable, Callable[[], object]] = {}
+        io: dict[Hashable, int] = {}
+        for i, key in enumerate(k for k in keys if k[0] in ("stem", "block", "pass", "head")):
+            kind = key[0]
+            if kind == "stem":
+                graph, args = stem, (torch.randn(1, spec.in_channels, key[1], key[1]),)
+            elif kind == "head":
+                graph, args = supernet.head_layers, (torch.randn(1, spec.units[-1].width, key[1], key[1]),)
+            else:
+                slot = slot_of[key[1], key[2]]
+                if kind == "block":
+                    graph, args = _runtime_block(supernet, slot, key[3], *key[4:])
+                else:
+                    mid = _bounds(spec, space, slot)[1]
+                    graph, args = _runtime_block(supernet, slot, key[3], mid, mid, space.kernels[0])
+            calls[key], io[key] = _ort_call(graph, args, tmp / f"op{i}.onnx", threads)
+        # Call overhead by input+output count: trivial graphs of 1 to 4 inputs and outputs.
+        for n in range(1, 5):
+            t = tuple(torch.randn(1, 8) for _ in range(n))
+            calls[("call", n)], _ = _ort_call(_Graph(lambda *xs: tuple(-x for x in xs)), t, tmp / f"call{n}.onnx",
+                                              threads)
+        tensors, S = 16, space.stages
+        books = {n: EarlyExitSession(_trivial_folder(tmp / f"book{n}", S, n, spec.num_classes), threads)
+                 for n in (1, tensors)}
+        x1 = np.zeros((1, 1, 1, 1), dtype=np.float32)  # one "image" of the trivial folders
+        for n, sess in books.items():
+            for s in (0, S - 1):
+                calls[("book", n, s)] = lambda sess=sess, s=s: sess.run(x1, _exit_thresholds(s, S))
+        for kind, archs in (("calibrate", calibrate), ("check", check)):
+            for i, arch in enumerate(archs):
+                net = MultiStageNet(supernet).export(arch).eval()
+                folder = export_multistage(net, _exit_thresholds(S - 1, S), tmp / f"{kind}{i}",
+                                           classes=[str(c) for c in range(spec.num_classes)],
+                                           mean=[0.0] * spec.in_channels, std=[1.0] * spec.in_channels)
+                sess = EarlyExitSession(folder, threads)
+                x = np.random.default_rng(i).standard_normal((1, spec.in_channels, arch.resolution, arch.resolution),
+                                                            dtype=np.float32)
+                for s in range(S):
+                    calls[(kind, i, "early_exit", s)] = lambda sess=sess, x=x, t=_exit_thresholds(s, S): sess.run(x, t)
+        t = time_interleaved(calls, warmup, repeats, seed)
+    # Overhead of a call with k inputs+outputs: a line through the trivial graphs' (2n, time) points.
+    over = {c: np.polyfit([2 * n for n in range(1, 5)], [t[("call", n)][c] for n in range(1, 5)], 1) for c in CLOCKS}
+    for k in io:
+        t[k] = {c: max(t[k][c] - float(np.polyval(over[c], io[k])), 1e-6) for c in CLOCKS}
+    b = {k[1:]: v for k, v in t.items() if k[0] == "book"}
+    t[("exit",)] = b[1, 0]
+    t[("exit_pass",)] = {c: max((b[1, S - 1][c] - b[1, 0][c]) / (S - 1), 1e-6) for c in CLOCKS}
+    t[("keep_tensor",)] = {c: max((b[tensors, S - 1][c] - b[1, S - 1][c]) / ((tensors - 1) * (S - 1)), 1e-6)
+                           for c in CLOCKS}
+    clock = clock_for(threads)
+    other = CLOCKS[1 - CLOCKS.index(clock)]
+    meta = {"backend": "onnxruntime", "onnxruntime": ort.__version__, "machine": machine(threads),
+            "load_avg_1min_before": round(load_before, 2), "batch": 1, "warmup": warmup, "repeats": repeats,
+            "seconds": round(time.perf_counter() - start_time, 2), "check_archs": len(check),
+            "call_overhead_ms": {c: [float(v) for v in over[c]] for c in CLOCKS},
+            "space": {"units": space.units, "resolutions": list(space.resolutions), "depths": list(space.depths),
+                      "expands": list(space.expands), "kernels": list(space.kernels), "stages": space.stages},
+            "spec": spec_summary(spec)}
+    meta["op_correction_ms"] = {c: _op_correction(LatencyTable({k: t[k][c] for k in keys}, {}, c, meta), spec,
+                                                  calibrate, [[t["calibrate", i, "early_exit", s][c] for s in range(S)]
+                                                              for i in range(len(calibrate))])
+                                for c in CLOCKS}
+    lut = LatencyTable({k: t[k][clock] for k in keys}, {k: t[k][other] for k in keys}, clock, meta)
+    rows = [{"arch": k[1], "mode": k[2], "stage": k[3] + 1, "measured_ms": v[clock], f"measured_{other}_ms": v[other]}
+            for k, v in t.items() if k[0] == "check"]
+    return lut, pd.DataFrame(rows, columns=["arch", "mode", "stage", "measured_ms", f"measured_{other}_ms"])
+
+
+def _op_correction(lut: LatencyTable, spec: SupernetSpec, archs: Sequence[MultiStageArch],
+                   measured: list[list[float]]) -> float:
+    """Least-squares extra ms per live op that makes the table's stage sums match the measured (cumulative) stage
+    times of ``archs``; 0 without archs."""
+    if not archs:
+        return 0.0
+    ms, ops, got = [], [], []
+    for arch, cum in zip(archs, measured):
+        for (m, n), inc in zip(_runtime_stages(lut, spec, arch), np.diff([0.0, *cum])):
+            ms.append(m)
+            ops.append(n)
+            got.append(inc)
+    ops_a = np.array(ops, dtype=np.float64)
+    return float(ops_a @ (np.array(got) - np.array(ms)) / (ops_a @ ops_a))
+
+
+def _runtime_stages(lut: LatencyTable, spec: SupernetSpec, arch: MultiStageArch) -> list[tuple[float, int]]:
+    """Per stage graph of deployed ``arch``: (table ms of its live ops and bookkeeping, number of live ops).
+
+    A stage graph computes only what reaches its logits or a tensor a later stage reads (the ONNX export drops the
+    rest, e.g. every block before a block without residual that its stage adds no channels to; a restart, a step
+    with ``start == 0`` at a block earlier stages ran, reads nothing they left there), and each stage
+    pays one session call (``exit``/``exit_pass``) plus ``keep_tensor`` per reused tensor its graph reads. The
+    liveness walk is the export's: last stage first, tracking which pre-BN sums later stages read.
+    """
+    if lut.meta.get("backend") != "onnxruntime":
+        raise LatencyError("the runtime price needs a table of build_runtime_table (meta backend onnxruntime)")
+    if lut.meta.get("spec") != spec_summary(spec):
+        raise LatencyError(f"latency table was measured for supernet {lut.meta.get('spec')}, not {spec_summary(spec)}")
+    max_depth = len(arch.kernels[0]) // len(spec.units)
+    blocks = spec.block_specs(max_depth)
+    sides = slot_sides(spec, arch.resolution, max_depth)
+    plan = Plan.of(arch, lambda slot, e: blocks[slot].mid(e), restart_slots(blocks))
+    S = plan.num_stages
+    out: list[tuple[float, int]] = [(0.0, 0)] * S
+    pending: set[int] = set()  # slots whose pre-BN sum a later stage's graph reads
+    for s in reversed(range(S)):
+        seen = {st.slot for t in range(s) for st in plan.stages[t]}
+        ms, ops, reads, inputs, y_needed = lut[("head", sides[-1])], 1, set(), 0, True
+        for st in reversed(plan.stages[s]):
+            z_needed = st.new and st.slot in pending
+            if not (y_needed or z_needed):
+                continue  # dead: neither its output nor its sum is used
+            u, first, side = st.slot // max_depth, st.slot % max_depth == 0, sides[st.slot]
+            ms += lut[("block", u, first, side, st.start, st.stop, st.kernel)] if st.new else \
+                lut[("pass", u, first, side)]
+            ops += 1
+            if st.slot in seen and st.start:  # a restart (start 0) reads nothing of earlier stages here
+                reads.add(st.slot)
+                inputs += 1 + (st.new and blocks[st.slot].se)
+            y_needed = z_needed or (y_needed and (st.new or blocks[st.slot].has_residual))
+        if s == 0:
+            ms += lut[("stem", arch.resolution)] + lut[("exit",)]
+            ops += 1
+        else:  # the stem features are read when the first live block reads its input
+            ms += lut[("exit_pass",)] + lut[("keep_tensor",)] * (inputs + y_needed)
+        pending = (pending - {st.slot for st in plan.stages[s] if st.new}) | reads
+        out[s] = (ms, ops)
+    return out
+
+
+def runtime_stage_latency(lut: LatencyTable, spec: SupernetSpec, arch: MultiStageArch) -> list[float]:
+    """Cumulative latency (ms) of one image that exits after stage 1, 2, ..., S of ``arch`` deployed with
+    ``enas4d.deploy`` and run by `EarlyExitSession`, priced with a `build_runtime_table` table: the live ops and
+    bookkeeping of every stage graph run (`_runtime_stages`), plus the table's per-op correction (what a lone op
+    graph's call costs beyond the trivial graphs' overhead, fitted on calibration archs) per live op."""
+    gamma = lut.meta.get("op_correction_ms", {}).get(lut.clock, 0.0)
+    return np.cumsum([ms + gamma * ops for ms, ops in _runtime_stages(lut, spec, arch)]).tolist()
+
+
+def compare_runtime(lut: LatencyTable, spec: SupernetSpec, archs: Sequence[MultiStageArch],
+                    measured: pd.DataFrame) -> pd.DataFrame:
+    """`compare` for a runtime table: the check rows of `build_runtime_table` with `runtime_stage_latency`."""
+    pred = [runtime_stage_latency(lut, spec, a) for a in archs]
+    try:
+        p = np.array([pred[a][s - 1] for a, s in zip(measured.arch, measured.stage)])
+    except IndexError:
+        raise ValueError("measured rows name archs or stages that are not in archs") from None
+    out = measured.assign(resolution=[archs[a].resolution for a in measured.arch], predicted_ms=p)
+    return out.assign(error_pct=100 * (out.predicted_ms - out.measured_ms) / out.measured_ms)

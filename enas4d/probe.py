@@ -120,11 +120,14 @@ def stage_gains(msnet: MultiStageNet, archs: Sequence[MultiStageArch], images: T
 
 
 def gain_summary(rows: pd.DataFrame) -> dict[str, float]:
-    """Over archs: mean per-stage top-1, mean and minimum gain of the last stage, the share of archs whose
-    last stage beats stage 1, and the mean agreement of the last stage with stage 1."""
+    """Over archs: mean per-stage top-1, mean (with its 95% t-interval over archs) and minimum gain of the last
+    stage, the share of archs whose last stage beats stage 1, and the mean agreement of the last stage with stage 1."""
     last = rows[rows["stage"] == rows["stage"].max()]
     out = {f"top1_s{s}": float(g["top1"].mean()) for s, g in rows.groupby("stage")}
-    return out | {"gain_last_mean": float(last["gain"].mean()), "gain_last_min": float(last["gain"].min()),
+    low, high = (stats.t.interval(0.95, len(last) - 1, loc=last["gain"].mean(), scale=stats.sem(last["gain"]))
+                 if len(last) > 1 else (np.nan, np.nan))
+    return out | {"gain_last_mean": float(last["gain"].mean()), "gain_last_ci95_low": float(low),
+                  "gain_last_ci95_high": float(high), "gain_last_min": float(last["gain"].min()),
                   "gain_last_positive": float((last["gain"] > 0).mean()),
                   "agree_last_s1": float(last["agree_s1"].mean()), "archs": int(last.shape[0])}
 

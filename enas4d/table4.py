@@ -1,10 +1,12 @@
 """Table 4 (paper: "Deploy on real-world devices"): the steps of notebook 09 that are not the search itself.
 
-The op latency table is checked against measured per-stage latency (a figure); per-target predictors learn R
-with the table's stage latencies as the cost; the searched nets are deployed and run by real early exit on the
-test set; the best static subnet of the MACs search is compared with a re-thresholded dynamic net at equal
-metric-set accuracy; every deployed net is timed image by image at batch 1; Table 4 and the metrics files are
-written. The numbers come from ``enas4d.latency`` (tables, timing), ``enas4d.search`` (the search) and the
+The device is the deployment of ``enas4d.deploy``: ONNX Runtime at batch 1. Its op latency table
+(``latency.build_runtime_table``) is checked against measured per-stage latency (a figure); per-target predictors
+learn R with the table's stage latencies as the cost; the searched nets are deployed and run by real early exit
+on the test set; the best static subnet of the MACs search is compared with a re-thresholded dynamic net at equal
+metric-set accuracy; every deployed net is timed image by image at batch 1 as an ONNX Runtime folder
+(`EarlyExitSession`) and, beside it, as eager PyTorch; Table 4 and the metrics files are written. The numbers
+come from ``enas4d.latency`` (tables, timing), ``enas4d.search`` (the search) and the
 evaluation recipe of the database; this module only assembles them.
 """
 
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import json
+import tempfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -23,9 +26,11 @@ from torch import Tensor, nn
 
 from enas4d import config, cost, data, latency as lat, predictor, report, thresholds
 from enas4d.database import ArchRows, Database
+from enas4d.deploy import export_multistage, export_static
 from enas4d.encoding import encode_many
 from enas4d.evaluate import deploy, evaluate_subnet, split_images
 from enas4d.multistage import MultiStageNet
+from enas4d.runtime import EarlyExitSession
 from enas4d.space import MultiStageArch, SearchSpace, SubnetArch
 from enas4d.supernet import SupernetSpec, resize
 
@@ -45,11 +50,27 @@ def lut_summary(lut: lat.LatencyTable, check_archs: int, threads: int) -> str:
             f"{lut.meta['machine']['load_avg_1min']}")
 
 
+def build_lut(spec: SupernetSpec, space: SearchSpace, settings: config.LatencyConfig, seed: int
+              ) -> tuple[lat.LatencyTable, pd.DataFrame, pd.DataFrame]:
+    """The op latency table of the deployment (ONNX Runtime, ``lat.build_runtime_table``): its per-op correction
+    fitted on ``calibrate_archs`` random archs, checked on ``check_archs`` others measured in the same rounds.
+    Returns the table, the check rows with the table's prediction (``lat.compare_runtime``) and their summary."""
+    rng = np.random.default_rng(seed)
+    check = [space.sample(rng) for _ in range(settings.check_archs)]
+    calibrate = [space.sample(rng) for _ in range(settings.calibrate_archs)]
+    lut, measured = lat.build_runtime_table(spec, space, threads=settings.threads, warmup=settings.warmup,
+                                            repeats=settings.repeats, seed=seed, calibrate=calibrate, check=check)
+    checked = lat.compare_runtime(lut, spec, check, measured)
+    return lut, checked, lat.summarize(checked)
+
+
 def write_check_figure(checked: pd.DataFrame, errors: pd.DataFrame, lut: lat.LatencyTable, *, check_archs: int,
                        threads: int, repeats: int, png: str = "reports/figures/latency_lut.png") -> None:
     """The table's predicted against measured per-stage latency of the check archs, per mode, with its caption."""
-    fig, axes = plt.subplots(1, 2, figsize=(9, 4), sharex=True, sharey=True)
-    for ax, mode in zip(axes, lat.MODES):
+    modes = [m for m in lat.MODES if m in set(checked["mode"])]
+    fig, axes = plt.subplots(1, len(modes), figsize=(4.5 * len(modes), 4), sharex=True, sharey=True, squeeze=False)
+    axes = axes[0]
+    for ax, mode in zip(axes, modes):
         part = checked[checked["mode"] == mode]
         for s, rows in part.groupby("stage"):
             ax.scatter(rows.measured_ms, rows.predicted_ms, s=14, label=f"exit after stage {s}")
@@ -64,10 +85,21 @@ def write_check_figure(checked: pd.DataFrame, errors: pd.DataFrame, lut: lat.Lat
     report.write_figure(
         fig, png, title="Latency look-up table: predicted vs measured per-stage latency",
         reading=f"Each point is one of {check_archs} random multi-stage archs leaving after stage 1, 2 or 3 at "
-                f"batch 1 on this CPU ({threads} thread(s)). Under early exit the table's sum of parts is off by "
+                f"batch 1 on this CPU ({threads} thread(s), {_backend(lut)}). Under early exit the table's sum of "
+                f"parts is off by "
                 f"{ee.mean_abs_error_pct.mean():.1f}% on average (at most {ee.max_abs_error_pct.max():.1f}%).",
         notes=[f"{len(lut)} op configurations, each the median of {repeats} calls in interleaved rounds, "
-               f"clock: {lut.clock}."])
+               f"clock: {lut.clock}."
+               + (f" A lone op graph's call costs {lut.meta['op_correction_ms'][lut.clock]:+.4f} ms per live op "
+                  "beyond the trivial graphs' overhead, fitted on other random archs."
+                  if "op_correction_ms" in lut.meta else "")])
+
+
+def _backend(lut: lat.LatencyTable) -> str:
+    """What the table prices, in words."""
+    if lut.meta.get("backend") == "onnxruntime":
+        return f"ONNX Runtime {lut.meta['onnxruntime']} deployed folders"
+    return f"eager PyTorch {lut.meta['machine']['torch']}"
 
 
 def latency_predictors(space: SearchSpace, db: Database, stage_ms: np.ndarray, targets: Sequence[float],
@@ -165,27 +197,45 @@ def _on_cpu(net: nn.Module) -> nn.Module:
     return copy.deepcopy(net).cpu().eval()
 
 
-def time_deployed(searched: list[dict], sd: Mapping[str, Any], images: Tensor, lut: lat.LatencyTable, *,
-                  threads: int, warmup: int) -> dict[str, tuple[dict[str, np.ndarray], list]]:
+def time_deployed(searched: list[dict], sd: Mapping[str, Any], images: Tensor, lut: lat.LatencyTable,
+                  split: data.Split, *, threads: int, warmup: int) -> dict[str, tuple[dict[str, np.ndarray], list]]:
     """Every deployed net (the Table 4 nets, the static subnet, the dynamic net) on ``images`` one at a time on
-    the CPU, taking turns image by image (``lat.time_images``). Fills each searched net's ``measured_ms``,
-    ``measured_other_ms`` (the other clock) and ``lut_timed_ms`` (the table on the timed images' own exits)."""
+    the CPU, taking turns image by image (``lat.time_images``), each twice: as an ONNX Runtime folder
+    (``enas4d.deploy``, run by `EarlyExitSession` on ``threads`` threads: the deployment, keys ``<name>``) and as
+    eager PyTorch (keys ``<name>-eager``). ``split`` gives the folders' classes and normalisation.
+
+    Fills each searched net's ``measured_ms``, ``measured_other_ms`` (runtime, both clocks), ``eager_ms``,
+    ``lut_timed_ms`` (the table on the timed images' own exits) and ``same_exits`` (the share of timed images
+    leaving at the same stage in both)."""
+    info = {"classes": list(split.classes), "mean": list(split.mean), "std": list(split.std)}
     calls: dict[str, tuple[Callable[[Tensor], object], Tensor]] = {}
-    for i, s in enumerate(searched):
-        net = _on_cpu(s["net"])
-        calls[f"table4-{i}"] = (lambda x, net=net, t=s["best"].thresholds: net.early_exit(x, t),
-                                resize(images, s["arch"].resolution))
-    static_cpu, dyn_cpu, dyn = _on_cpu(sd["static_net"]), _on_cpu(sd["dynamic_net"]), sd["dynamic"]
-    calls["static"] = (static_cpu, resize(images, sd["static_arch"].resolution))
-    calls["dynamic"] = (lambda x: dyn_cpu.early_exit(x, dyn["point"].thresholds),
-                        resize(images, dyn["arch"].resolution))
-    timed = lat.time_images(calls, threads=threads, warmup=warmup)
+    with tempfile.TemporaryDirectory() as tmp:
+        def multistage(name: str, net: nn.Module, thresholds: Sequence[float], x: Tensor) -> None:
+            sess = EarlyExitSession(export_multistage(net, thresholds, Path(tmp) / name, **info), threads)
+            calls[name] = (lambda x: sess.run(x.numpy(), list(thresholds)), x)
+            calls[f"{name}-eager"] = (lambda x: net.early_exit(x, thresholds), x)
+
+        for i, s in enumerate(searched):
+            multistage(f"table4-{i}", _on_cpu(s["net"]), s["best"].thresholds, resize(images, s["arch"].resolution))
+        dyn = sd["dynamic"]
+        multistage("dynamic", _on_cpu(sd["dynamic_net"]), dyn["point"].thresholds,
+                   resize(images, dyn["arch"].resolution))
+        static_cpu, static_arch = _on_cpu(sd["static_net"]), sd["static_arch"]
+        static = EarlyExitSession(export_static(static_cpu, static_arch, Path(tmp) / "static",
+                                                macs=sd["static"]["macs"], **info), threads)
+        x = resize(images, static_arch.resolution)
+        calls["static"] = (lambda x: static.run(x.numpy()), x)
+        calls["static-eager"] = (static_cpu, x)
+        timed = lat.time_images(calls, threads=threads, warmup=warmup)
     other = other_clock(lut)
     for i, s in enumerate(searched):
         ms, results = timed[f"table4-{i}"]
-        exits = np.array([int(r.exit_stage) for r in results])
+        eager_ms, eager_results = timed[f"table4-{i}-eager"]
+        exits = np.array([r.exit_stage.item() for r in results])
         s["measured_ms"], s["measured_other_ms"] = float(ms[lut.clock].mean()), float(ms[other].mean())
+        s["eager_ms"] = float(eager_ms[lut.clock].mean())
         s["lut_timed_ms"] = float(s["stage_ms"][exits].mean())
+        s["same_exits"] = float(np.mean(exits == np.array([r.exit_stage.item() for r in eager_results])))
     return timed
 
 
@@ -201,14 +251,17 @@ def timed_images(test: data.Split, n: int, seed: int) -> Tensor:
 
 def write_table4(searched: list[dict], lut: lat.LatencyTable, errors: pd.DataFrame, *, targets: Sequence[float],
                  timed: int, threads: int, check_archs: int, lut_path: str | Path = LUT_PATH) -> pd.DataFrame:
-    """Table 4: this run's nets (LUT on the metric set and on the timed images, measured on both clocks, test
-    top-1 and MACs) and the paper's rows; written with its reading and notes."""
+    """Table 4: this run's nets (LUT on the metric set and on the timed images, measured on both clocks as
+    deployed, eager PyTorch beside it, test top-1 and MACs) and the paper's rows; written with its reading and
+    notes."""
     other = other_clock(lut)
+    eager = f"eager PyTorch (ms, {lut.clock})"
     rows = [{"source": "this run", "device": f"CPU ({threads} thread{'s' * (threads > 1)})",
              "target (ms)": s["target"], "LUT, metric set (ms)": s["best"].cost,
              "LUT, timed images (ms)": s["lut_timed_ms"],
              f"measured (ms, {lut.clock})": s["measured_ms"], f"measured (ms, {other})": s["measured_other_ms"],
-             "top-1 (%)": 100 * s["test"].top1, "avg MMACs": s["test"].avg_macs / 1e6} for s in searched]
+             eager: s["eager_ms"], "top-1 (%)": 100 * s["test"].top1, "avg MMACs": s["test"].avg_macs / 1e6}
+            for s in searched]
     rows += [{"source": report.PAPER, "device": d, "target (ms)": t, f"measured (ms, {lut.clock})": m,
               "top-1 (%)": a} for d, t, a, m in PAPER_TABLE4]
     table4 = pd.DataFrame(rows).round(3)
@@ -218,67 +271,77 @@ def write_table4(searched: list[dict], lut: lat.LatencyTable, errors: pd.DataFra
     lut_vs_target = report.against_targets([f"the {s['target']:g} ms net" for s in searched],
                                            [s["best"].cost for s in searched], [s["target"] for s in searched], "ms")
     reading = (
-        f"Searching with latency targets on this machine's CPU, the nets found for "
+        f"Searching with latency targets on this machine's CPU ({_backend(lut)}), the nets found for "
         f"{', '.join(f'{t:g}' for t in targets)} ms "
         f"take {', '.join(f'{m:.2f}' for m in ours[f'measured (ms, {lut.clock})'])} ms per image on average "
         f"(measured over {timed} test images at batch 1) at {', '.join(f'{a:.1f}' for a in ours['top-1 (%)'])}% "
-        f"test top-1. The look-up table predicts those measured means within {err.abs().max():.1f}% (LUT on the "
+        f"test top-1; as eager PyTorch the same nets take {', '.join(f'{m:.2f}' for m in ours[eager])} ms "
+        f"({', '.join(f'{e / m:.1f}' for e, m in zip(ours[eager], ours[f'measured (ms, {lut.clock})']))}x). "
+        f"The look-up table predicts those measured means within {err.abs().max():.1f}% (LUT on the "
         f"timed images' own exits); the LUT average on the metric set is what the search optimised, and by it "
         f"{lut_vs_target}. On the paper's ImageNet setting the searched nets land within 0.6 ms of their targets.")
-    clock_text = ("the measuring thread's CPU time: with one torch thread this is the latency on an idle core, and "
+    clock_text = ("the measuring thread's CPU time: with one thread this is the latency on an idle core, and "
                   "on a shared machine it leaves out the time spent waiting for a core" if lut.clock == "thread_cpu"
                   else "wall time")
     ee = errors[errors["mode"] == "early_exit"]
+    same = ", ".join(f"{100 * s['same_exits']:.1f}%" for s in searched)
     notes = [f"Latency clock: {lut.clock} ({clock_text}); the other clock is shown beside it. "
-             f"{lut.meta['machine']['cpu']}, torch {lut.meta['machine']['torch']}, batch 1, "
-             f"{lut.meta['memory_format']}.",
+             f"{lut.meta['machine']['cpu']}, {_backend(lut)}, batch 1, {threads} intra-op thread(s); eager "
+             f"PyTorch {lut.meta['machine']['torch']} with {threads} torch thread(s) in the same interleaved rounds. "
+             f"Timed images leaving at the same stage in both: {same}.",
              f"Look-up table: {len(lut)} op configurations ({lut_path}); its per-stage prediction for {check_archs} "
              f"random archs is off by {ee.mean_abs_error_pct.mean():.1f}% on average under early exit (max "
              f"{ee.max_abs_error_pct.max():.1f}%).",
              "Paper rows: ImageNet, their Table 4 (their measured latency and top-1; no LUT prediction is given). "
              "GPU rows of this run are not measured here."]
-    report.write_table(table4, "reports/tables/table4", title="Table 4: latency targets (op latency look-up table)",
+    report.write_table(table4, "reports/tables/table4",
+                       title="Table 4: latency targets (ONNX Runtime op latency look-up table)",
                        reading=reading, notes=notes)
     return table4
 
 
-SUMMARY = ("reached_static_metric_top1", "test_top1_difference", "macs_ratio", "latency_ratio", "latency_speedup",
-           "meets_goal")  # the keys of ``static_vs_dynamic_result`` a reader looks at first
+SUMMARY = ("reached_static_metric_top1", "test_top1_difference", "macs_ratio", "latency_speedup",
+           "eager_latency_speedup", "meets_goal")  # the keys of ``static_vs_dynamic_result`` a reader looks at first
 
 
 def static_vs_dynamic_result(sd: Mapping[str, Any], timed: Mapping[str, tuple[dict[str, np.ndarray], list]],
                              lut: lat.LatencyTable, *, threads: int, images: int) -> dict[str, Any]:
     """``reports/details/static_vs_dynamic.json`` (its numbers also in ``reports/metrics/``): both nets, their
-    test top-1, MACs and batch-1 latency, the ratios and whether the paper's claim (``MACS_RATIO_GOAL``,
-    ``SPEEDUP_GOAL``, ``TOP1_SLACK``) holds."""
+    test top-1, MACs and batch-1 latency as deployed (ONNX Runtime: ``latency_ms``, the speed-up the paper's claim
+    is judged on) and as eager PyTorch (``eager_latency_ms``), the ratios and whether the paper's claim
+    (``MACS_RATIO_GOAL``, ``SPEEDUP_GOAL``, ``TOP1_SLACK``) holds."""
     static_arch, st, dyn = sd["static_arch"], sd["static"], sd["dynamic"]
     other = other_clock(lut)
-    sms, _ = timed["static"]
-    dms, _ = timed["dynamic"]
-    static_ms, dyn_ms = float(sms[lut.clock].mean()), float(dms[lut.clock].mean())
+    ms = {k: (float(v[0][lut.clock].mean()), float(v[0][other].mean())) for k, v in timed.items()}
+    static_ms, dyn_ms = ms["static"][0], ms["dynamic"][0]
     result = {
         "rule": "dynamic thresholds: the cheapest grid thresholds (average MACs on the metric set) whose metric-set "
                 "top-1 reaches the static subnet's metric-set top-1; best static subnet: the most accurate on the "
                 "metric set of the MACs search's static subnets",
         "reached_static_metric_top1": dyn["reached"],
-        "static": {"network": "supernet.extract (plain torch/torchvision layers), batch-1 forward",
+        "static": {"network": "supernet.extract exported to ONNX (enas4d.deploy.export_static), batch 1 in "
+                              "EarlyExitSession; eager: the extracted torch module",
                    "arch": static_arch.to_dict(), "searched_for_mmacs": st["target_mmacs"], "macs": st["macs"],
                    "metric_top1": st["metric_top1"], "test_top1": st["test_top1"], "latency_ms": static_ms,
-                   f"latency_{other}_ms": float(sms[other].mean())},
-        "dynamic": {"network": "MultiStageNet.export, batch-1 early_exit",
+                   f"latency_{other}_ms": ms["static"][1], "eager_latency_ms": ms["static-eager"][0],
+                   f"eager_latency_{other}_ms": ms["static-eager"][1]},
+        "dynamic": {"network": "MultiStageNet.export to ONNX (enas4d.deploy.export_multistage), batch-1 early exit "
+                               "in EarlyExitSession; eager: ExportedMultiStageNet.early_exit",
                     "arch": dyn["arch"].to_dict(), "searched_for_mmacs": dyn["target_mmacs"],
                     "thresholds": list(dyn["point"].thresholds), "metric_top1": dyn["point"].acc,
                     "metric_avg_macs": dyn["point"].cost, "test_top1": dyn["test"].top1,
                     "test_avg_macs": dyn["test"].avg_macs,
                     "test_exit_fractions": [float(np.mean(dyn["test"].exit_stage == k))
                                             for k in range(dyn["arch"].num_stages)],
-                    "latency_ms": dyn_ms, f"latency_{other}_ms": float(dms[other].mean())},
+                    "latency_ms": dyn_ms, f"latency_{other}_ms": ms["dynamic"][1],
+                    "eager_latency_ms": ms["dynamic-eager"][0], f"eager_latency_{other}_ms": ms["dynamic-eager"][1]},
         "test_top1_difference": dyn["test"].top1 - st["test_top1"],
         "macs_ratio": dyn["test"].avg_macs / st["macs"],
         "latency_ratio": dyn_ms / static_ms,
         "latency_speedup": static_ms / dyn_ms,
+        "eager_latency_speedup": ms["static-eager"][0] / ms["dynamic-eager"][0],
         "goal": {"macs_ratio_at_most": MACS_RATIO_GOAL, "latency_speedup_at_least": SPEEDUP_GOAL},
-        "clock": lut.clock, "threads": threads, "timed_images": images,
+        "clock": lut.clock, "threads": threads, "timed_images": images, "runtime": _backend(lut),
     }
     result["meets_goal"] = {"macs": result["macs_ratio"] <= MACS_RATIO_GOAL,
                             "latency": result["latency_speedup"] >= SPEEDUP_GOAL,
@@ -300,6 +363,7 @@ def metrics(seconds: Mapping[str, float], lut: lat.LatencyTable, errors: pd.Data
                                      "mean": float(g.mean_error_pct.mean())}
                               for mode, g in errors.groupby("mode")}},
         "targets": [{"target_ms": s["target"], "lut_metric_ms": s["best"].cost, "lut_timed_ms": s["lut_timed_ms"],
-                     "measured_ms": s["measured_ms"], "test_top1": s["test"].top1, "arch": s["arch"].to_dict(),
+                     "measured_ms": s["measured_ms"], "eager_ms": s["eager_ms"], "same_exits": s["same_exits"],
+                     "test_top1": s["test"].top1, "arch": s["arch"].to_dict(),
                      "thresholds": list(s["best"].thresholds)} for s in searched],
     }

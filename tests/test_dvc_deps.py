@@ -18,11 +18,13 @@ STAGES = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
 
 
 def roots(cmd: str) -> tuple[set[str], list[Path]]:
-    """The enas4d modules a stage command starts from: the ``-m`` module, and a notebook's own imports."""
+    """The enas4d modules a stage command starts from: the ``-m`` module (a package runs its ``__main__``), and a
+    notebook's own imports."""
     argv = shlex.split(cmd)
     module = argv[argv.index("-m") + 1]
+    main = {f"{module}.__main__"} & set(modules())
     notebooks = [ROOT / a for a in argv if a.endswith(".ipynb")]
-    return {module} | {e.target for nb in notebooks for e in notebook_imports(nb)}, notebooks
+    return {module} | main | {e.target for nb in notebooks for e in notebook_imports(nb)}, notebooks
 
 
 def covered(module: str, deps: list[str]) -> bool:

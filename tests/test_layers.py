@@ -13,12 +13,14 @@ from import_graph import Import, imports_of, modules, package_imports
 LAYERS = {
     0: {"enas4d", "enas4d.space", "enas4d.config", "enas4d.data", "enas4d.files", "enas4d.progress"},  # values
     1: {"enas4d.ops", "enas4d.ops.bn", "enas4d.ops.common", "enas4d.ops.conv", "enas4d.ops.kernel", "enas4d.ops.se",
-        "enas4d.plan", "enas4d.supernet", "enas4d.multistage", "enas4d.cost"},  # model
-    2: {"enas4d.evaluate", "enas4d.train", "enas4d.distributed", "enas4d.probe"},  # evaluation and training
+        "enas4d.plan", "enas4d.supernet", "enas4d.multistage", "enas4d.cost", "enas4d.runtime"},  # model
+    2: {"enas4d.evaluate", "enas4d.train", "enas4d.distributed", "enas4d.probe",
+        "enas4d.deploy"},  # evaluation, training, export
     3: {"enas4d.database", "enas4d.thresholds", "enas4d.predictor", "enas4d.evolution", "enas4d.encoding",
         "enas4d.search"},  # search
     4: {"enas4d.report", "enas4d.baselines", "enas4d.latency", "enas4d.table4"},  # reports
-    5: {"enas4d.pipeline", "enas4d.notebook", "enas4d.cli", "enas4d.validate"},  # notebooks' glue, entry points
+    5: {"enas4d.pipeline", "enas4d.notebook", "enas4d.cli", "enas4d.validate",
+        "enas4d.deploy.__main__"},  # notebooks' glue, entry points
 }
 LAYER = {m: layer for layer, ms in LAYERS.items() for m in ms}
 GLUE = {"enas4d.pipeline", "enas4d.notebook"}

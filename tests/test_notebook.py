@@ -90,6 +90,22 @@ def test_project_root_and_atomic_writers(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["f", "m", "x.json", "x.png"]
 
 
+def test_atomic_dir_replaces_a_folder_whole_or_not_at_all(tmp_path: Path) -> None:
+    out = tmp_path / "deployed" / "net"
+    with files.atomic_dir(out) as tmp:
+        (tmp / "a.onnx").write_text("1")
+        assert not out.exists()  # nothing visible until the block ends
+    assert sorted(p.name for p in out.iterdir()) == ["a.onnx"]
+    with pytest.raises(RuntimeError, match="boom"), files.atomic_dir(out) as tmp:
+        (tmp / "b.onnx").write_text("2")
+        raise RuntimeError("boom")
+    assert sorted(p.name for p in out.iterdir()) == ["a.onnx"]  # a failed write leaves the old folder
+    with files.atomic_dir(out) as tmp:
+        (tmp / "c.onnx").write_text("3")
+    assert sorted(p.name for p in out.iterdir()) == ["c.onnx"]  # replaced, not merged
+    assert sorted(p.name for p in out.parent.iterdir()) == ["net"]  # no temp or old folder left
+
+
 # -------------------------------------------------------------------------------------- pipeline notebooks
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
 def test_source_notebooks_are_committed_without_outputs(path: Path) -> None:

@@ -70,6 +70,13 @@ def test_smoke_repro_twice(tmp_path: Path) -> None:
     assert [m["target"] for m in searched["multistage"]] == [s["target"] for s in searched["static"]] == [0.5, 1.0]
     for found in searched["multistage"]:
         assert len(found["thresholds"]) == 2 and len(found["metric_set"]["exit_fractions"]) == 3
+    # the searched nets deployed as ONNX folders that agree with PyTorch (docs/DESIGN.md, "Deployment")
+    assert "Running stage 'deploy'" in first
+    for kind in ("multistage", "static"):
+        for t in ("0.5", "1"):
+            assert (repo / f"deployed/{kind}-{t}/manifest.json").is_file(), (kind, t)
+    deployed = json.loads((repo / "reports/metrics/deploy.json").read_text())
+    assert deployed["max_abs_logit_diff"] < 1e-3 and deployed["min_same_exit_and_pred"] > 0.95, deployed
     # resume state survives outside the DVC outputs and git never sees it
     assert (repo / "checkpoints/.resume/supernet/last.pt").is_file()
     assert not sh(["git", "status", "--porcelain", "--ignored=no", "checkpoints/.resume"], repo, env).strip()
