@@ -92,7 +92,8 @@ def main(argv: list[str] | None = None) -> None:
     pairs = args.archs * args.images
     write_json("database", {
         "weights": "fresh initialisation of the preset (sorted channels): throughput does not depend on weights",
-        "note": "shared machine (4 engineers on 2 cores, run under nice): compare the ratio, not absolute speeds",
+        "note": "compare the ratio, not absolute speeds: both sides run in the same process, one after the other, "
+                "so a busy machine slows both (machine.load_avg_1min says how busy it was)",
         "settings": {"archs": args.archs, "images": args.images, "calib_images": len(calib), "batch_size": batch,
                      "stages": space.stages, "repeats": args.repeats, "threads": cfg.threads,
                      "resolutions": sorted(at_res)},

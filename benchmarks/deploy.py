@@ -184,8 +184,8 @@ def main(argv: list[str] | None = None) -> None:
     largest = batch1["static_largest"]["stages"][0]["eager_over_runtime"]
     write_json("deploy", {
         "weights": weights,
-        "note": "shared machine (4 engineers on 2 cores, run under nice): compare ratios within this file, not "
-                "absolute times; thread_cpu is the calling thread's CPU time (ONNX Runtime and torch both compute "
+        "note": "compare ratios within this file, not absolute times (machine.load_avg_1min says how busy the "
+                "machine was); thread_cpu is the calling thread's CPU time (ONNX Runtime and torch both compute "
                 "on the calling thread with 1 thread), wall includes waiting for a core",
         "settings": {"repeats": args.repeats, "warmup": args.warmup, "batch": args.batch,
                      "batch_repeats": args.batch_repeats, "threads": 1, "onnxruntime": ort.__version__},
