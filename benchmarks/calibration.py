@@ -103,8 +103,8 @@ def main(argv: list[str] | None = None) -> None:
         "settings": {"archs": len(archs), "images": n, "reference_calib_images": n_calib, "sizes": args.sizes,
                      "batch_size": batch, "threads": cfg.threads, "omega": cfg.search.omega,
                      "targets": list(cfg.search.targets), "grid": cfg.search.grid},
-        "reference": {"top1_mean_per_stage": ref["top1"].mean(axis=0).tolist(), "r_mean": ref["r"].mean(axis=0).tolist(),
-                      "r_std_across_archs": ref["r"].std(axis=0).tolist()},
+        "reference": {"top1_mean_per_stage": ref["top1"].mean(axis=0).tolist(),
+                      "r_mean": ref["r"].mean(axis=0).tolist(), "r_std_across_archs": ref["r"].std(axis=0).tolist()},
         "against_reference": {k: _compare(ref, v) for k, v in labels.items() if k != "reference"},
     })
 

@@ -3,16 +3,18 @@
     nice -n 10 python -m benchmarks.database [--params params.yaml] [--archs 12] [--images 2000] [--repeats 2]
 
 A freshly initialised supernet of the params' preset (sorted channels; throughput does not depend on weight
-values) and random images at the native size: ``--images`` "metric-set" images and ``pretrain.bn_calib_images``
-calibration images, the params' ``database.batch_size`` and threads. Timed, alternating, ``--repeats`` times:
+values) and random images at the native size: ``--images`` "metric-set" images and ``database.calib_images``
+calibration images (the build's), the params' ``database.batch_size`` and threads. Timed, alternating,
+``--repeats`` times:
 
 - ``build``: ``database.build`` of ``--archs`` archs into a fresh directory: per arch export, BN recalibration on
   the calibration images, all S stages on the images (no early exit), confidences, shards written;
 - ``plain``: the same archs' last stage as extracted static subnets (extracted beforehand, not timed, no
   recalibration), run over the same images at the same batch size: the cheapest way to get one output per image;
 - ``recalibrate``: only the build's export + BN recalibration of the same archs (``evaluate.deploy``'s recipe), to
-  split the build's time: recalibration runs every arch over the calibration images in training mode, so with as
-  many calibration images as database images it alone costs about one more pass over the data.
+  split the build's time: recalibration runs every arch over the calibration images in training mode (one pass
+  of the exported net calibrates every stage's BN), so with as many calibration images as database images it
+  alone cost about one more pass over the data (``reports/benchmarks/calibration.json`` chose fewer).
 
 Throughput is counted in sample-stages/s for the build (archs x images x S per second) and in arch-images/s for
 both; ``efficiency`` = build arch-images/s / plain arch-images/s (goal >= 0.75): the build pays for S outputs, a
@@ -23,6 +25,7 @@ takes the recalibration time off the build's. Writes ``reports/benchmarks/databa
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import tempfile
 import time
@@ -55,7 +58,7 @@ def main(argv: list[str] | None = None) -> None:
     size = 28  # Fashion-MNIST's native side
     images = torch.randn(args.images, spec.in_channels, size, size, generator=g)
     labels = torch.randint(0, spec.num_classes, (args.images,), generator=g)
-    calib = torch.randn(cfg.pretrain.bn_calib_images, spec.in_channels, size, size, generator=g)
+    calib = torch.randn(cfg.database.calib_images, spec.in_channels, size, size, generator=g)
     batch = cfg.database.batch_size
     archs = database.sample_archs(space, args.archs, cfg.seed)
     fmt = memory_format(torch.device("cpu"))
@@ -77,6 +80,7 @@ def main(argv: list[str] | None = None) -> None:
         database.build(msnet, space, spec, images, labels, calib, archs=args.archs, shard_size=cfg.database.shard_size,
                        batch_size=batch, seed=cfg.seed, out=out, weights_id="benchmark")
 
+    load_before = os.getloadavg()[0]
     times: dict[str, list[float]] = {"build": [], "plain": [], "recalibrate": []}
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.repeats):
@@ -90,10 +94,12 @@ def main(argv: list[str] | None = None) -> None:
         raise RuntimeError(f"the build wrote conf {db.conf.shape}, expected {(args.archs, args.images, space.stages)}")
     sec = {k: statistics.median(v) for k, v in times.items()}
     pairs = args.archs * args.images
+    load = f"1-min load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after, on {os.cpu_count()} CPUs"
     write_json("database", {
         "weights": "fresh initialisation of the preset (sorted channels): throughput does not depend on weights",
-        "note": "compare the ratio, not absolute speeds: both sides run in the same process, one after the other, "
-                "so a busy machine slows both (machine.load_avg_1min says how busy it was)",
+        "note": f"the build ran at {sec['plain'] / sec['build']:.2f}x plain last-stage inference with "
+                f"{len(calib)} calibration images ({load}); compare the ratio, not absolute speeds: both sides run "
+                "in the same process, alternating, so a busy machine slows both",
         "settings": {"archs": args.archs, "images": args.images, "calib_images": len(calib), "batch_size": batch,
                      "stages": space.stages, "repeats": args.repeats, "threads": cfg.threads,
                      "resolutions": sorted(at_res)},
