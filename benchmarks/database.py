@@ -14,12 +14,16 @@ calibration images (the build's), the params' ``database.batch_size`` and thread
 - ``recalibrate``: only the build's export + BN recalibration of the same archs (``evaluate.deploy``'s recipe), to
   split the build's time: recalibration runs every arch over the calibration images in training mode (one pass
   of the exported net calibrates every stage's BN), so with as many calibration images as database images it
-  alone cost about one more pass over the data (``reports/benchmarks/calibration.json`` chose fewer).
+  alone cost about one more pass over the data (``reports/benchmarks/calibration.json`` chose fewer);
+- ``export``: only ``MultiStageNet.export`` of the same archs (part of ``recalibrate``): module construction;
+- ``build_probe_calibration``: ``build`` with the ``pretrain.bn_calib_images`` calibration images of the training
+  stages' probes (what the build used before ``database.calib_images``).
 
 Throughput is counted in sample-stages/s for the build (archs x images x S per second) and in arch-images/s for
 both; ``efficiency`` = build arch-images/s / plain arch-images/s (goal >= 0.75): the build pays for S outputs, a
 BN recalibration and bookkeeping per arch, the plain run for one output. ``efficiency_without_recalibration``
-takes the recalibration time off the build's. Writes ``reports/benchmarks/database.json``.
+takes the export + recalibration time off the build's; ``efficiency_with_probe_calibration`` is the build's with
+``pretrain.bn_calib_images`` calibration images. Writes ``reports/benchmarks/database.json``.
 """
 
 from __future__ import annotations
@@ -59,6 +63,7 @@ def main(argv: list[str] | None = None) -> None:
     images = torch.randn(args.images, spec.in_channels, size, size, generator=g)
     labels = torch.randint(0, spec.num_classes, (args.images,), generator=g)
     calib = torch.randn(cfg.database.calib_images, spec.in_channels, size, size, generator=g)
+    probe_calib = torch.randn(cfg.pretrain.bn_calib_images, spec.in_channels, size, size, generator=g)
     batch = cfg.database.batch_size
     archs = database.sample_archs(space, args.archs, cfg.seed)
     fmt = memory_format(torch.device("cpu"))
@@ -76,15 +81,22 @@ def main(argv: list[str] | None = None) -> None:
         for a in archs:
             deploy(msnet, a, calib, batch)
 
-    def build(out: Path) -> None:
+    def export() -> None:
+        for a in archs:
+            msnet.export(a)
+
+    def build(out: Path, calib: torch.Tensor = calib) -> None:
         database.build(msnet, space, spec, images, labels, calib, archs=args.archs, shard_size=cfg.database.shard_size,
                        batch_size=batch, seed=cfg.seed, out=out, weights_id="benchmark")
 
     load_before = os.getloadavg()[0]
-    times: dict[str, list[float]] = {"build": [], "plain": [], "recalibrate": []}
+    times: dict[str, list[float]] = {"build": [], "plain": [], "recalibrate": [], "export": [],
+                                     "build_probe_calibration": []}
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.repeats):
-            calls = {"plain": plain, "build": lambda r=r: build(Path(tmp) / f"db{r}"), "recalibrate": recalibrate}
+            calls = {"plain": plain, "build": lambda r=r: build(Path(tmp) / f"db{r}"), "recalibrate": recalibrate,
+                     "export": export,
+                     "build_probe_calibration": lambda r=r: build(Path(tmp) / f"probe{r}", probe_calib)}
             for name in list(calls) if r % 2 == 0 else list(calls)[::-1]:
                 start = time.perf_counter()
                 calls[name]()
@@ -100,7 +112,8 @@ def main(argv: list[str] | None = None) -> None:
         "note": f"the build ran at {sec['plain'] / sec['build']:.2f}x plain last-stage inference with "
                 f"{len(calib)} calibration images ({load}); compare the ratio, not absolute speeds: both sides run "
                 "in the same process, alternating, so a busy machine slows both",
-        "settings": {"archs": args.archs, "images": args.images, "calib_images": len(calib), "batch_size": batch,
+        "settings": {"archs": args.archs, "images": args.images, "calib_images": len(calib),
+                     "probe_calib_images": len(probe_calib), "batch_size": batch,
                      "stages": space.stages, "repeats": args.repeats, "threads": cfg.threads,
                      "resolutions": sorted(at_res)},
         "seconds": {k: {"median": sec[k], "all": v} for k, v in times.items()},
@@ -110,6 +123,8 @@ def main(argv: list[str] | None = None) -> None:
         "plain_last_stage_arch_images_per_s": pairs / sec["plain"],
         "efficiency": sec["plain"] / sec["build"],
         "recalibration_share_of_build": sec["recalibrate"] / sec["build"],
+        "export_share_of_build": sec["export"] / sec["build"],
+        "efficiency_with_probe_calibration": sec["plain"] / sec["build_probe_calibration"],
         "efficiency_without_recalibration": sec["plain"] / (sec["build"] - sec["recalibrate"]),
         "goal_efficiency_ge_0_75": sec["plain"] / sec["build"] >= 0.75,
     })
