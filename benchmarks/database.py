@@ -3,26 +3,33 @@
     nice -n 10 python -m benchmarks.database [--params params.yaml] [--archs 12] [--images 2000] [--repeats 2]
 
 A freshly initialised supernet of the params' preset (sorted channels; throughput does not depend on weight
-values) and random images at the native size: ``--images`` "metric-set" images and ``pretrain.bn_calib_images``
-calibration images, the params' ``database.batch_size`` and threads. Timed, alternating, ``--repeats`` times:
+values) and random images at the native size: ``--images`` "metric-set" images and ``database.calib_images``
+calibration images (the build's), the params' ``database.batch_size`` and threads. Timed, alternating,
+``--repeats`` times:
 
 - ``build``: ``database.build`` of ``--archs`` archs into a fresh directory: per arch export, BN recalibration on
   the calibration images, all S stages on the images (no early exit), confidences, shards written;
 - ``plain``: the same archs' last stage as extracted static subnets (extracted beforehand, not timed, no
   recalibration), run over the same images at the same batch size: the cheapest way to get one output per image;
 - ``recalibrate``: only the build's export + BN recalibration of the same archs (``evaluate.deploy``'s recipe), to
-  split the build's time: recalibration runs every arch over the calibration images in training mode, so with as
-  many calibration images as database images it alone costs about one more pass over the data.
+  split the build's time: recalibration runs every arch over the calibration images in training mode (one pass
+  of the exported net calibrates every stage's BN), so with as many calibration images as database images it
+  alone cost about one more pass over the data (``reports/benchmarks/calibration.json`` chose fewer);
+- ``export``: only ``MultiStageNet.export`` of the same archs (part of ``recalibrate``): module construction;
+- ``build_probe_calibration``: ``build`` with the ``pretrain.bn_calib_images`` calibration images of the training
+  stages' probes (what the build used before ``database.calib_images``).
 
 Throughput is counted in sample-stages/s for the build (archs x images x S per second) and in arch-images/s for
 both; ``efficiency`` = build arch-images/s / plain arch-images/s (goal >= 0.75): the build pays for S outputs, a
 BN recalibration and bookkeeping per arch, the plain run for one output. ``efficiency_without_recalibration``
-takes the recalibration time off the build's. Writes ``reports/benchmarks/database.json``.
+takes the export + recalibration time off the build's; ``efficiency_with_probe_calibration`` is the build's with
+``pretrain.bn_calib_images`` calibration images. Writes ``reports/benchmarks/database.json``.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import tempfile
 import time
@@ -55,7 +62,8 @@ def main(argv: list[str] | None = None) -> None:
     size = 28  # Fashion-MNIST's native side
     images = torch.randn(args.images, spec.in_channels, size, size, generator=g)
     labels = torch.randint(0, spec.num_classes, (args.images,), generator=g)
-    calib = torch.randn(cfg.pretrain.bn_calib_images, spec.in_channels, size, size, generator=g)
+    calib = torch.randn(cfg.database.calib_images, spec.in_channels, size, size, generator=g)
+    probe_calib = torch.randn(cfg.pretrain.bn_calib_images, spec.in_channels, size, size, generator=g)
     batch = cfg.database.batch_size
     archs = database.sample_archs(space, args.archs, cfg.seed)
     fmt = memory_format(torch.device("cpu"))
@@ -73,14 +81,22 @@ def main(argv: list[str] | None = None) -> None:
         for a in archs:
             deploy(msnet, a, calib, batch)
 
-    def build(out: Path) -> None:
+    def export() -> None:
+        for a in archs:
+            msnet.export(a)
+
+    def build(out: Path, calib: torch.Tensor = calib) -> None:
         database.build(msnet, space, spec, images, labels, calib, archs=args.archs, shard_size=cfg.database.shard_size,
                        batch_size=batch, seed=cfg.seed, out=out, weights_id="benchmark")
 
-    times: dict[str, list[float]] = {"build": [], "plain": [], "recalibrate": []}
+    load_before = os.getloadavg()[0]
+    times: dict[str, list[float]] = {"build": [], "plain": [], "recalibrate": [], "export": [],
+                                     "build_probe_calibration": []}
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.repeats):
-            calls = {"plain": plain, "build": lambda r=r: build(Path(tmp) / f"db{r}"), "recalibrate": recalibrate}
+            calls = {"plain": plain, "build": lambda r=r: build(Path(tmp) / f"db{r}"), "recalibrate": recalibrate,
+                     "export": export,
+                     "build_probe_calibration": lambda r=r: build(Path(tmp) / f"probe{r}", probe_calib)}
             for name in list(calls) if r % 2 == 0 else list(calls)[::-1]:
                 start = time.perf_counter()
                 calls[name]()
@@ -90,11 +106,14 @@ def main(argv: list[str] | None = None) -> None:
         raise RuntimeError(f"the build wrote conf {db.conf.shape}, expected {(args.archs, args.images, space.stages)}")
     sec = {k: statistics.median(v) for k, v in times.items()}
     pairs = args.archs * args.images
+    load = f"1-min load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after, on {os.cpu_count()} CPUs"
     write_json("database", {
         "weights": "fresh initialisation of the preset (sorted channels): throughput does not depend on weights",
-        "note": "compare the ratio, not absolute speeds: both sides run in the same process, one after the other, "
-                "so a busy machine slows both (machine.load_avg_1min says how busy it was)",
-        "settings": {"archs": args.archs, "images": args.images, "calib_images": len(calib), "batch_size": batch,
+        "note": f"the build ran at {sec['plain'] / sec['build']:.2f}x plain last-stage inference with "
+                f"{len(calib)} calibration images ({load}); compare the ratio, not absolute speeds: both sides run "
+                "in the same process, alternating, so a busy machine slows both",
+        "settings": {"archs": args.archs, "images": args.images, "calib_images": len(calib),
+                     "probe_calib_images": len(probe_calib), "batch_size": batch,
                      "stages": space.stages, "repeats": args.repeats, "threads": cfg.threads,
                      "resolutions": sorted(at_res)},
         "seconds": {k: {"median": sec[k], "all": v} for k, v in times.items()},
@@ -104,6 +123,8 @@ def main(argv: list[str] | None = None) -> None:
         "plain_last_stage_arch_images_per_s": pairs / sec["plain"],
         "efficiency": sec["plain"] / sec["build"],
         "recalibration_share_of_build": sec["recalibrate"] / sec["build"],
+        "export_share_of_build": sec["export"] / sec["build"],
+        "efficiency_with_probe_calibration": sec["plain"] / sec["build_probe_calibration"],
         "efficiency_without_recalibration": sec["plain"] / (sec["build"] - sec["recalibrate"]),
         "goal_efficiency_ge_0_75": sec["plain"] / sec["build"] >= 0.75,
     })

@@ -32,7 +32,7 @@ def database_plan(cfg: config.Config) -> database.BuildPlan:
     d = cfg.database
     weights = train.weights_digest(train.load_supernet(pipeline.MULTISTAGE))
     return database.plan(pipeline.space(cfg), archs=d.archs, shard_size=d.shard_size, seed=cfg.seed,
-                         images=d.images, weights_id=weights, calib_images=cfg.pretrain.bn_calib_images,
+                         images=d.images, weights_id=weights, calib_images=d.calib_images,
                          batch_size=d.batch_size, out=pipeline.DATABASE)
 
 
@@ -42,10 +42,10 @@ def run_worker(cfg: config.Config, worker: int, workers: int) -> Path:
     msnet = pipeline.load_multistage(cfg)
     splits_ = pipeline.splits(cfg)
     images, labels = pipeline.database_images(cfg, splits_["metric"])
-    calib = pipeline.calib_images(cfg, splits_["train"])
+    calib = pipeline.database_calib_images(cfg, splits_["train"])
     pipeline.ignored_dir(pipeline.DATABASE.with_name(pipeline.DATABASE.name + ".partial"))
     settings = config.to_dict(cfg.database)
-    del settings["images"]
+    del settings["images"], settings["calib_images"]
     return database.build(msnet, pipeline.space(cfg), msnet.supernet.spec, images, labels, calib, seed=cfg.seed,
                           out=pipeline.DATABASE, weights_id=train.weights_digest(msnet.supernet), worker=worker,
                           workers=workers, finalize=False, **settings)

@@ -109,6 +109,9 @@ class DatabaseConfig:
     images: int = _rule(**POSITIVE)
     shard_size: int = _rule(**POSITIVE)
     batch_size: int = _rule(**POSITIVE)
+    # BN-calibration images of every evaluation done the database's way (build, search, tables, deploy), drawn
+    # like pretrain.bn_calib_images with the same seed: fewer of them are a subset of those
+    calib_images: int = _rule(**POSITIVE)
 
 
 @dataclass(frozen=True)
@@ -384,6 +387,9 @@ def _check_cross(cfg: Config, source: str) -> None:
                     "an integer >= 2 when evolution.crossover_prob > 0 (crossover needs two parents)")
     if d.train_limit is not None and cfg.pretrain.bn_calib_images > d.train_limit:
         raise _fail(source, "pretrain.bn_calib_images", cfg.pretrain.bn_calib_images,
+                    f"an integer <= data.train_limit ({d.train_limit}): calibration images come from the train split")
+    if d.train_limit is not None and cfg.database.calib_images > d.train_limit:
+        raise _fail(source, "database.calib_images", cfg.database.calib_images,
                     f"an integer <= data.train_limit ({d.train_limit}): calibration images come from the train split")
     if d.name == "fashion-mnist" and d.image_size is not None:
         raise _fail(source, "data.image_size", d.image_size, "null for fashion-mnist (its images are 28x28)")

@@ -104,16 +104,23 @@ def splits(cfg: config.Config) -> dict[str, data.Split]:
     return out
 
 
-def calib_split(cfg: config.Config, train_split: data.Split) -> data.Split:
-    """The fixed ``pretrain.bn_calib_images`` training images every evaluation recalibrates BN on (OFA)."""
+def calib_split(cfg: config.Config, train_split: data.Split, n: int | None = None) -> data.Split:
+    """The fixed ``pretrain.bn_calib_images`` training images the training stages' evaluations recalibrate BN
+    on (OFA); ``n`` others take the first ``n`` of the same seeded draw (fewer: a subset of them)."""
     if train_split.name != "train":
         raise ValueError(f"BN calibration images come from the train split, got split {train_split.name!r}")
-    return data.subset(train_split, cfg.pretrain.bn_calib_images, cfg.seed)
+    return data.subset(train_split, cfg.pretrain.bn_calib_images if n is None else n, cfg.seed)
 
 
 def calib_images(cfg: config.Config, train_split: data.Split) -> torch.Tensor:
     """``calib_split`` as one normalized image tensor."""
     return split_images(calib_split(cfg, train_split))
+
+
+def database_calib_images(cfg: config.Config, train_split: data.Split) -> torch.Tensor:
+    """The ``database.calib_images`` calibration images of the database build and of every evaluation that must
+    match it (the search's re-evaluation, the tables and figures of searched nets, the deployed folders)."""
+    return split_images(calib_split(cfg, train_split, cfg.database.calib_images))
 
 
 def val_split(cfg: config.Config, metric: data.Split) -> data.Split:

@@ -94,9 +94,17 @@ def test_int_given_for_float_becomes_float(tmp_path: Path) -> None:
     ("evolution.sample_size", 500, "evolution.sample_size: got 500; allowed: an integer <= evolution.population"),
     ("evolution.sample_size", 1, "evolution.sample_size: got 1; allowed: an integer >= 2 when evolution.crossover_prob > 0"),
     ("data.image_size", 28, "data.image_size: got 28; allowed: null for fashion-mnist"),
+    ("database.calib_images", 0, "database.calib_images: got 0; allowed: an integer > 0"),
 ])
 def test_bad_values(tmp_path: Path, dotted: str, value: object, expected: str) -> None:
     assert expected in error_of(write_params(tmp_path, {dotted: value}))
+
+
+def test_database_calibration_images_come_from_the_train_split(tmp_path: Path) -> None:
+    changes = {"data.train_limit": 1000, "pretrain.bn_calib_images": 500, "database.calib_images": 1001}
+    assert ("database.calib_images: got 1001; allowed: an integer <= data.train_limit (1000)"
+            in error_of(write_params(tmp_path, changes)))
+    assert config.load(write_params(tmp_path, {**changes, "database.calib_images": 1000})).database.calib_images == 1000
 
 
 def test_unknown_and_missing_keys(tmp_path: Path) -> None:

@@ -175,6 +175,9 @@ def test_database_worker_killed_then_rebuilt_equals_one_process(
     assert cli.main(["database", "build", "--params", "params.yaml"]) == 0
     got, want = (database.load(root / pipeline.DATABASE) for root in roots)
     assert got.archs == want.archs and len(set(got.archs)) == 8  # all archs, each once, in order
+    cfg = config.load(roots[1] / "params.yaml")
+    assert cfg.database.calib_images != cfg.pretrain.bn_calib_images  # so the next line tells which one was used
+    assert got.manifest["calib_images"] == cfg.database.calib_images
     np.testing.assert_array_equal(got.conf, want.conf)
     np.testing.assert_array_equal(got.correct, want.correct)
     np.testing.assert_array_equal(got.macs, want.macs)

@@ -70,7 +70,7 @@ def test_one_step_of_every_stage_at_resolution_128(imagefolder: Path, tmp_path: 
         "supernet": {"resolutions": [128], "checkpoint": str(ofa_file)},
         "pretrain": {"epochs_full": 1, "batch_size": 2, "bn_calib_images": 2},
         "finetune": {"epochs": 1, "batch_size": 2, "eval_archs": 1},
-        "database": {"archs": 4, "images": 4, "shard_size": 2, "batch_size": 4},
+        "database": {"archs": 4, "images": 4, "shard_size": 2, "batch_size": 4, "calib_images": 2},
         "predictor": {"epochs": 1, "batch_size": 2, "val_fraction": 0.5},
         "evolution": {"population": 4, "generations": 2, "sample_size": 2}})
     assert cfg.pretrain.precision == cfg.finetune.precision == "bf16"  # the profile's autocast, here on the CPU
@@ -99,9 +99,9 @@ def test_one_step_of_every_stage_at_resolution_128(imagefolder: Path, tmp_path: 
     msnet = MultiStageNet(train.load_supernet(tmp_path / "ft" / "multistage.pt")).eval()
     images, labels = pipeline.database_images(cfg, splits["metric"])
     d = config.to_dict(cfg.database)
-    del d["images"]
+    del d["images"], d["calib_images"]
     db = database.load(database.build(msnet, msnet.supernet.space, msnet.supernet.spec, images, labels,
-                                      pipeline.calib_images(cfg, splits["train"]), seed=cfg.seed,
+                                      pipeline.database_calib_images(cfg, splits["train"]), seed=cfg.seed,
                                       out=tmp_path / "db", weights_id="random-w1.0", **d))
     assert db.conf.shape == (4, 4, 3) and all(a.resolution == 128 for a in db.archs)
 

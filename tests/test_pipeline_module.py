@@ -59,6 +59,11 @@ def test_splits_and_the_fixed_images(cfg: config.Config) -> None:
     assert torch.equal(again, split_images(calib)), "the same images every time"
     with pytest.raises(ValueError, match="come from the train split, got split 'metric'"):
         pipeline.calib_split(cfg, splits["metric"])
+    n = cfg.database.calib_images
+    assert n < len(calib), "the profile under test must calibrate the database on fewer images than the probes"
+    fewer = pipeline.calib_split(cfg, splits["train"], n)
+    assert len(fewer) == n and set(fewer.indices) < set(calib.indices), "fewer images of the same draw"
+    assert torch.equal(pipeline.database_calib_images(cfg, splits["train"]), split_images(fewer))
     val = pipeline.val_split(cfg, splits["metric"])
     assert len(val) == min(pipeline.VAL_IMAGES, len(splits["metric"]))
     images, labels = pipeline.database_images(cfg, splits["metric"])

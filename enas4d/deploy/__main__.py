@@ -3,11 +3,12 @@
     python -m enas4d.deploy [--params params.yaml] [--searched searched/archs.json] [--out deployed]
 
 Every searched target's multi-stage net (with its thresholds) and static subnet, with the fine-tuned weights and
-BN recalibrated on the pipeline's calibration images at the arch's resolution (``enas4d.evaluate.deploy``: the
-recipe of the database, the search and Table 4), go to ``<out>/multistage-<target>`` and ``<out>/static-<target>``.
-Each folder is then run by `EarlyExitSession` on the calibration images beside the PyTorch net it came from;
-the largest logit difference and the share of images with the same exit stage and prediction go to
-``reports/metrics/deploy.json`` (the ``deploy`` DVC stage), so a pipeline run shows that what it ships agrees.
+BN recalibrated on the database's calibration images (``database.calib_images``) at the arch's resolution
+(``enas4d.evaluate.deploy``: the recipe of the database, the search and Table 4), go to
+``<out>/multistage-<target>`` and ``<out>/static-<target>``. Each folder is then run by `EarlyExitSession` on the
+calibration images beside the PyTorch net it came from; the largest logit difference and the share of images with
+the same exit stage and prediction go to ``reports/metrics/deploy.json`` (the ``deploy`` DVC stage), so a pipeline
+run shows that what it ships agrees.
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ def export_searched(cfg: config.Config, searched: str | Path, out: str | Path) -
         raise ValueError(f"{path}: not a search result ({type(err).__name__}: {err})") from None
     msnet = pipeline.load_multistage(cfg)
     splits = pipeline.splits(cfg)
-    calib = pipeline.calib_images(cfg, splits["train"])
+    calib = pipeline.database_calib_images(cfg, splits["train"])
     tr = splits["train"]
     info = {"classes": tr.classes, "mean": tr.mean, "std": tr.std}
     batch = cfg.database.batch_size
