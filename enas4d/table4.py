@@ -24,13 +24,14 @@ import numpy as np
 import pandas as pd
 from torch import Tensor, nn
 
-from enas4d import config, cost, data, latency as lat, predictor, report, thresholds
+from enas4d import config, cost, data, latency as lat, predictor, probe, report, thresholds
 from enas4d.database import ArchRows, Database
 from enas4d.deploy import export_multistage, export_static
 from enas4d.encoding import encode_many
 from enas4d.evaluate import deploy, evaluate_subnet, split_images
 from enas4d.multistage import MultiStageNet
 from enas4d.runtime import EarlyExitSession
+from enas4d.search import Evaluator
 from enas4d.space import MultiStageArch, SearchSpace, SubnetArch
 from enas4d.supernet import SupernetSpec, resize
 
@@ -144,12 +145,13 @@ def run_on_test(searched: list[dict], msnet: MultiStageNet, calib: Tensor, test:
 
 
 def static_vs_dynamic(searched_path: str | Path, msnet: MultiStageNet, spec: SupernetSpec,
-                      evaluate: Callable[[MultiStageArch], ArchRows], calib: Tensor, test: data.Split,
-                      batch_size: int, grid: float) -> dict[str, Any]:
+                      evaluate: Evaluator, calib: Tensor, test: data.Split, batch_size: int,
+                      grid: float) -> dict[str, Any]:
     """The MACs search's best static subnet (the most accurate on the metric set, never chosen on the test set)
     against its searched dynamic nets re-thresholded: the cheapest grid thresholds (average MACs on the metric
     set) whose metric-set top-1 reaches the static subnet's; if none does, the most accurate thresholds at their
-    least cost. Both deployed; the chosen dynamic net run by real early exit on the test set. ``searched_path``:
+    least cost. Both deployed; the chosen dynamic net run by real early exit on the test set; beside them the
+    ceiling a cascade of this supernet's subnets reaches (`cascade_ceiling`). ``searched_path``:
     the search stage's ``searched/archs.json``."""
     searched_file = json.loads(Path(searched_path).read_text())
     statics: dict[SubnetArch, dict] = {}
@@ -161,6 +163,7 @@ def static_vs_dynamic(searched_path: str | Path, msnet: MultiStageNet, spec: Sup
                           "macs": cost.subnet_macs(spec, a)}
     static_arch = max(statics, key=lambda a: statics[a]["metric_top1"])  # on the metric set, never the test set
     st = statics[static_arch]
+    ceiling = cascade_ceiling(msnet, static_arch, evaluate, calib, test, batch_size)
     dynamics = []
     for entry in searched_file["multistage"]:
         a = MultiStageArch.from_dict(entry["arch"])
@@ -179,7 +182,22 @@ def static_vs_dynamic(searched_path: str | Path, msnet: MultiStageNet, spec: Sup
     dyn_net = deploy(msnet, dyn["arch"], calib, batch_size)
     dyn["test"] = lat.early_exit_outcome(dyn_net, test_batches(test, batch_size), dyn["point"].thresholds)
     return {"static_arch": static_arch, "static": st, "dynamics": dynamics, "dynamic": dyn, "static_net": static_net,
-            "dynamic_net": dyn_net}
+            "dynamic_net": dyn_net, "cascade_ceiling": ceiling}
+
+
+def cascade_ceiling(msnet: MultiStageNet, static_arch: SubnetArch, evaluate: Evaluator, calib: Tensor,
+                    test: data.Split, batch_size: int) -> dict[str, float]:
+    """How far below the best static subnet's MACs early exit can get on this supernet: the smallest subnet ->
+    the best static subnet as a cascade without reuse (`probe.cascade_potential`: threshold chosen on the metric
+    set to reach the best static's metric-set top-1, replayed on the test set). A multi-stage net whose last stage
+    is as accurate as the static subnet of its arch, and whose reuse saves nothing, reaches this
+    (docs/DESIGN.md, "How far target (d) can go")."""
+    net, small = msnet.supernet, msnet.supernet.space.smallest()
+    test_x = split_images(test)
+    metric_out = [probe.subnet_outputs(net, a, evaluate.images, calib, batch_size) for a in (small, static_arch)]
+    test_out = [probe.subnet_outputs(net, a, test_x, calib, batch_size) for a in (small, static_arch)]
+    return probe.cascade_potential(*metric_out, *test_out, evaluate.labels.numpy(), test.labels.numpy(),
+                                   cost.subnet_macs(net.spec, small), cost.subnet_macs(net.spec, static_arch))
 
 
 def static_vs_dynamic_frame(sd: Mapping[str, Any]) -> pd.DataFrame:
@@ -300,8 +318,9 @@ def write_table4(searched: list[dict], lut: lat.LatencyTable, errors: pd.DataFra
     return table4
 
 
+# the keys of ``static_vs_dynamic_result`` a reader looks at first
 SUMMARY = ("reached_static_metric_top1", "test_top1_difference", "macs_ratio", "latency_speedup",
-           "eager_latency_speedup", "meets_goal")  # the keys of ``static_vs_dynamic_result`` a reader looks at first
+           "eager_latency_speedup", "cascade_ceiling", "meets_goal")
 
 
 def static_vs_dynamic_result(sd: Mapping[str, Any], timed: Mapping[str, tuple[dict[str, np.ndarray], list]],
@@ -340,6 +359,9 @@ def static_vs_dynamic_result(sd: Mapping[str, Any], timed: Mapping[str, tuple[di
         "latency_ratio": dyn_ms / static_ms,
         "latency_speedup": static_ms / dyn_ms,
         "eager_latency_speedup": ms["static-eager"][0] / ms["dynamic-eager"][0],
+        "cascade_ceiling": {"rule": "smallest subnet -> the best static subnet, without reuse; threshold chosen on "
+                                    "the metric set to reach the static's metric-set top-1, replayed on the test set",
+                            **sd["cascade_ceiling"]},
         "goal": {"macs_ratio_at_most": MACS_RATIO_GOAL, "latency_speedup_at_least": SPEEDUP_GOAL},
         "clock": lut.clock, "threads": threads, "timed_images": images, "runtime": _backend(lut),
     }

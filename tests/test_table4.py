@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from enas4d import evaluate, latency, table4
+from enas4d import cost, data, evaluate, latency, table4
 from enas4d.multistage import MultiStageNet
 from enas4d.space import SearchSpace
 from enas4d.supernet import PRESETS, OFAMobileNetV3
@@ -34,7 +34,8 @@ def timed() -> tuple[list[dict], dict, dict]:
           "dynamic": {"arch": dyn_arch, "point": types.SimpleNamespace(thresholds=(0.0, 0.0), acc=0.5, cost=1e6),
                       "reached": True, "target_mmacs": 1.0,
                       "test": types.SimpleNamespace(top1=0.5, avg_macs=1e6, exit_stage=np.zeros(4, int))},
-          "dynamic_net": evaluate.deploy(msnet, dyn_arch, calib, 64)}
+          "dynamic_net": evaluate.deploy(msnet, dyn_arch, calib, 64),
+          "cascade_ceiling": {"macs_ratio": 0.7, "top1": 0.5}}
     lut = latency.LatencyTable({}, {}, "thread_cpu", {"backend": "onnxruntime", "onnxruntime": "1",
                                                       "machine": {"torch": "2", "cpu": "cpu"}})
     split = types.SimpleNamespace(classes=[f"c{i}" for i in range(SPEC.num_classes)], mean=(0.3,), std=(0.35,))
@@ -69,3 +70,24 @@ def test_static_vs_dynamic_judges_the_runtime_with_eager_beside_it(timed) -> Non
     assert r["eager_latency_speedup"] == pytest.approx(ms["static-eager"] / ms["dynamic-eager"])
     assert r["meets_goal"]["latency"] == (r["latency_speedup"] >= table4.SPEEDUP_GOAL)
     assert set(table4.SUMMARY) <= set(r)
+    assert r["cascade_ceiling"]["macs_ratio"] == 0.7 and "rule" in r["cascade_ceiling"]
+
+
+def test_cascade_ceiling_runs_the_smallest_subnet_before_the_best_static_one() -> None:
+    torch.manual_seed(0)
+    space = SearchSpace(units=len(SPEC.units), resolutions=(24, 28), stages=3)
+    msnet = MultiStageNet(OFAMobileNetV3(SPEC, space)).eval()
+    gen = torch.Generator().manual_seed(3)
+    calib, images = torch.randn(32, 1, 28, 28, generator=gen), torch.randn(48, 1, 28, 28, generator=gen)
+    labels = torch.randint(0, SPEC.num_classes, (48,), generator=gen)
+    static = space.largest()
+    metric = types.SimpleNamespace(images=images, labels=labels)  # what cascade_ceiling reads of an Evaluator
+    pixels = torch.randint(0, 256, (40, 1, 28, 28), dtype=torch.uint8, generator=gen)
+    test = data.Split("test", torch.randint(0, SPEC.num_classes, (40,), generator=gen), np.arange(40),
+                      tuple(f"c{i}" for i in range(SPEC.num_classes)), 1, 28, (0.3,), (0.35,), images=pixels)
+    got = table4.cascade_ceiling(msnet, static, metric, calib, test, 16)
+    small, large = cost.subnet_macs(SPEC, space.smallest()), cost.subnet_macs(SPEC, static)
+    assert got["mmacs_large"] == pytest.approx(large / 1e6)
+    # every test image pays the smallest subnet, those that stay also the best static one
+    assert got["macs_ratio"] == pytest.approx((small + (1 - got["exit_small"]) * large) / large)
+    assert 0.0 <= got["exit_small"] <= 1.0
