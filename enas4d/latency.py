@@ -56,7 +56,7 @@ from enas4d.multistage import (BlockState, BlockStep, ExportedMultiStageNet, Mul
                                StageCache, mbconv_stage, run_early_exit)
 from enas4d.plan import restart_slots
 from enas4d.progress import bar
-from enas4d.runtime import FORMAT, IMAGE, LOGITS, MANIFEST, NEXT, EarlyExitSession, sha256
+from enas4d.runtime import FORMAT, IMAGE, LOGITS, MANIFEST, NEXT, EarlyExitSession, session_options, sha256
 from enas4d.space import MultiStageArch, SearchSpace
 from enas4d.supernet import OFAMobileNetV3, SupernetSpec, resize
 from enas4d.thresholds import Best, search
@@ -614,9 +614,7 @@ def _ort_call(graph: nn.Module, args: tuple[Tensor, ...], path: Path, threads: i
     n_out = len(out) if isinstance(out := graph(*args), tuple) else 1
     ins, outs = [f"i{i}" for i in range(len(args))], [f"o{i}" for i in range(n_out)]
     to_onnx(graph, args, ins, outs, path)
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
-    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    sess = ort.InferenceSession(str(path), session_options(threads), providers=["CPUExecutionProvider"])
     feed = {a.name: args[int(a.name[1:])].numpy() for a in sess.get_inputs()}
     return (lambda: sess.run(None, feed)), len(feed) + n_out
 
