@@ -684,8 +684,8 @@ def build_runtime_table(spec: SupernetSpec, space: SearchSpace, *, threads: int,
     `EarlyExitSession` leaving at stage 1..S, all in the same interleaved rounds, every call right after
     `PRIMES` untimed calls of its own (``primed``): a deployed net serves one image after another with its
     weights in the caches (a Fashion-MNIST stage graph holds ~1-1.4 MB of weights; this CPU's L2 is 4 MB per
-    core), so it is timed that way and its ops are priced that way too. Timed after unrelated calls instead, ops and nets cost up to 2x more and the table
-    under-predicted a warm net by 20-40%.
+    core), so it is timed that way and its ops are priced that way too. Timed after unrelated calls instead, a
+    net costs up to 2x more (docs/DESIGN.md, "Deployment").
 
     A lone op graph costs another amount than its share of a stage graph (output allocation, a graph boundary):
     ``meta["op_correction_ms"]`` is the extra cost per live op and ``meta["start_correction_ms"]`` the extra

@@ -293,7 +293,8 @@ def write_table4(searched: list[dict], lut: lat.LatencyTable, errors: pd.DataFra
     notes = [f"Latency clock: {lut.clock} ({clock_text}); the other clock is shown beside it. "
              f"{lut.meta['machine']['cpu']}, {_backend(lut)}, batch 1, {threads} intra-op thread(s); eager "
              f"PyTorch {lut.meta['machine']['torch']} with {threads} torch thread(s) in the same interleaved rounds, "
-             f"each timed call right after {lat.PRIMES} untimed calls of the same net (a net serving one image after another). "
+             f"each timed call right after {lat.PRIMES} untimed calls of the same net (a net serving one image "
+             "after another). "
              f"Timed images leaving at the same stage in both: {same}.",
              f"Look-up table: {len(lut)} op configurations ({lut_path}); its per-stage prediction for {check_archs} "
              f"random archs is off by {ee.mean_abs_error_pct.mean():.1f}% on average under early exit (max "
