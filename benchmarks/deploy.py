@@ -160,6 +160,7 @@ def main(argv: list[str] | None = None) -> None:
                    "per_stage": latency.summarize(rows).drop(columns="mode").to_dict("records")}
             for (name, rows), lut in zip(tables.items(), (rt_lut, eager_lut))}
     luts["runtime"]["op_correction_ms"] = rt_lut.meta["op_correction_ms"]
+    luts["runtime"]["start_correction_ms"] = rt_lut.meta["start_correction_ms"]
     luts["runtime"]["call_overhead_ms"] = rt_lut.meta["call_overhead_ms"]
     luts["archs"], luts["calibration_archs"] = len(check), len(calibrate)
 

@@ -90,9 +90,12 @@ def write_check_figure(checked: pd.DataFrame, errors: pd.DataFrame, lut: lat.Lat
                 f"parts is off by "
                 f"{ee.mean_abs_error_pct.mean():.1f}% on average (at most {ee.max_abs_error_pct.max():.1f}%).",
         notes=[f"{len(lut)} op configurations, each the median of {repeats} calls in interleaved rounds, "
-               f"clock: {lut.clock}."
-               + (f" A lone op graph's call costs {lut.meta['op_correction_ms'][lut.clock]:+.4f} ms per live op "
-                  "beyond the trivial graphs' overhead, fitted on other random archs."
+               f"clock: {lut.clock}; each arch is timed right after {lat.PRIMES} untimed calls of its own, as a "
+               "deployed net serving one image after another."
+               + (f" Corrections fitted on other random archs: {lut.meta['op_correction_ms'][lut.clock]:+.4f} ms "
+                  "per live op (a lone op graph after unrelated ones against its share of a stage graph)"
+                  + (f" and {lut.meta['start_correction_ms'][lut.clock]:+.4f} ms per inference"
+                     if "start_correction_ms" in lut.meta else "") + "."
                   if "op_correction_ms" in lut.meta else "")])
 
 
@@ -218,7 +221,9 @@ def _on_cpu(net: nn.Module) -> nn.Module:
 def time_deployed(searched: list[dict], sd: Mapping[str, Any], images: Tensor, lut: lat.LatencyTable,
                   split: data.Split, *, threads: int, warmup: int) -> dict[str, tuple[dict[str, np.ndarray], list]]:
     """Every deployed net (the Table 4 nets, the static subnet, the dynamic net) on ``images`` one at a time on
-    the CPU, taking turns image by image (``lat.time_images``), each twice: as an ONNX Runtime folder
+    the CPU, taking turns image by image, each call right after `lat.PRIMES` untimed calls of the same net on the
+    same image (``lat.time_images``: a deployed net follows its own work, not the other nets'; timed right after the
+    eager nets, the ONNX Runtime ones took up to 2x longer), each twice: as an ONNX Runtime folder
     (``enas4d.deploy``, run by `EarlyExitSession` on ``threads`` threads: the deployment, keys ``<name>``) and as
     eager PyTorch (keys ``<name>-eager``). ``split`` gives the folders' classes and normalisation.
 
@@ -305,7 +310,9 @@ def write_table4(searched: list[dict], lut: lat.LatencyTable, errors: pd.DataFra
     same = ", ".join(f"{100 * s['same_exits']:.1f}%" for s in searched)
     notes = [f"Latency clock: {lut.clock} ({clock_text}); the other clock is shown beside it. "
              f"{lut.meta['machine']['cpu']}, {_backend(lut)}, batch 1, {threads} intra-op thread(s); eager "
-             f"PyTorch {lut.meta['machine']['torch']} with {threads} torch thread(s) in the same interleaved rounds. "
+             f"PyTorch {lut.meta['machine']['torch']} with {threads} torch thread(s) in the same interleaved rounds, "
+             f"each timed call right after {lat.PRIMES} untimed calls of the same net (a net serving one image "
+             "after another). "
              f"Timed images leaving at the same stage in both: {same}.",
              f"Look-up table: {len(lut)} op configurations ({lut_path}); its per-stage prediction for {check_archs} "
              f"random archs is off by {ee.mean_abs_error_pct.mean():.1f}% on average under early exit (max "

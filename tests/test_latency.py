@@ -6,6 +6,8 @@ from __future__ import annotations
 import functools
 import itertools
 import json
+import time
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -159,6 +161,44 @@ def test_deployed_net_is_the_database_evaluation_and_early_exit_is_batch_indepen
     assert [int(r.exit_stage) for r in results] == whole.exit_stage[:4].tolist()
     with pytest.raises(ValueError, match="same number of images"):
         lat.time_images({"a": (net, x[:2]), "b": (net, x[:3])}, threads=1)
+
+
+def _burn(ms: float) -> None:
+    """Spend ``ms`` of this thread's CPU time."""
+    end = time.thread_time_ns() + int(ms * 1e6)
+    while time.thread_time_ns() < end:
+        pass
+
+
+WARM_MS, COLD_MS = 0.3, 3.0
+
+
+def state_dependent_nets(names: list[str]) -> dict[str, Callable[..., None]]:
+    """Fake nets that cost ``WARM_MS`` right after their own call and ``COLD_MS`` right after another's: what a
+    batch-1 net's caches do (Table 4 once timed ONNX Runtime nets right after eager PyTorch: up to 2x slower)."""
+    last: list[str | None] = [None]
+
+    def net(name: str, *_: object) -> None:
+        _burn(WARM_MS if last[0] == name else COLD_MS)
+        last[0] = name
+
+    return {n: functools.partial(net, n) for n in names}
+
+
+def test_time_images_times_each_net_after_its_own_work() -> None:
+    nets, x = state_dependent_nets(["a", "b", "c"]), torch.zeros(12, 1, 2, 2)
+    timed = lat.time_images({n: (f, x) for n, f in nets.items()}, threads=1, warmup=1)
+    for n, (ms, _) in timed.items():  # unprimed, 2 in 3 calls would follow another net: median COLD_MS
+        assert np.median(ms["thread_cpu"]) < (WARM_MS + COLD_MS) / 2, (n, ms["thread_cpu"])
+
+
+def test_time_interleaved_primes_only_the_primed_keys() -> None:
+    nets = state_dependent_nets(["a", "b", "c"])
+    t = lat.time_interleaved(nets, warmup=1, repeats=9, primed=["a"])
+    assert t["a"]["thread_cpu"] < (WARM_MS + COLD_MS) / 2
+    assert t["b"]["thread_cpu"] > (WARM_MS + COLD_MS) / 2 and t["c"]["thread_cpu"] > (WARM_MS + COLD_MS) / 2
+    with pytest.raises(ValueError, match="not in calls"):
+        lat.time_interleaved(nets, warmup=0, repeats=1, primed=["d"])
 
 
 def brute_cheapest(conf, correct, cost, min_acc, grid):

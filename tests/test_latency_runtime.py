@@ -88,3 +88,22 @@ def test_runtime_table_prices_held_out_archs():
     err = latency.compare_runtime(lut, SPEC, check, measured).error_pct.abs()
     # Loose (a shared test machine): without the liveness walk and the per-op correction the error was 30-90%.
     assert err.mean() < 25, err.tolist()
+
+
+def test_corrections_recover_a_per_op_and_a_per_inference_cost():
+    """Stage times that cost the table's sums plus 0.01 ms per live op plus 0.2 ms per inference: both terms come
+    back, and pricing with them reproduces the times (a per-op term alone cannot: stage 1 would be off)."""
+    rng = np.random.default_rng(1)
+    ops = {k: float(v) for k, v in zip(latency.op_keys(SPEC, SPACE), rng.uniform(0.01, 0.05, 10_000))}
+    meta = {"backend": "onnxruntime", "spec": latency.spec_summary(SPEC)}
+    lut = latency.LatencyTable(ops, {}, "thread_cpu", meta)
+    archs = [SPACE.sample(rng) for _ in range(6)]
+    measured = [np.cumsum([ms + 0.01 * n + 0.2 * (s == 0) for s, (ms, n) in
+                           enumerate(latency._runtime_stages(lut, SPEC, a))]).tolist() for a in archs]
+    gamma, delta = latency._corrections(lut, SPEC, archs, measured)
+    assert gamma == pytest.approx(0.01) and delta == pytest.approx(0.2)
+    fitted = latency.LatencyTable(ops, {}, "thread_cpu", {**meta, "op_correction_ms": {"thread_cpu": gamma},
+                                                           "start_correction_ms": {"thread_cpu": delta}})
+    for a, m in zip(archs, measured):
+        np.testing.assert_allclose(latency.runtime_stage_latency(fitted, SPEC, a), m)
+    assert latency._corrections(lut, SPEC, [], []) == (0.0, 0.0)
