@@ -88,6 +88,11 @@ class MetricPredictor(nn.Module):
         return self.y_mean + self.y_std * self.standardized(x, cond)
 
 
+# the model is fixed but for a small grid searched on the training archs (benchmarks/predictor_models.py's)
+_BOOST_FIXED = {"max_iter": 300}
+_BOOST_GRID = {"learning_rate": [0.03, 0.1], "max_leaf_nodes": [4, 15], "l2_regularization": [0.0, 1.0]}
+
+
 @dataclass(eq=False)
 class BoostedPredictor:
     """Gradient-boosted trees on ``arch_features`` rows; ``X``/``y``/``params``/``seed`` rebuild it exactly."""
@@ -101,10 +106,6 @@ class BoostedPredictor:
         self.estimator = HistGradientBoostingRegressor(**_BOOST_FIXED, **self.params, random_state=self.seed)
         self.estimator.fit(self.X, self.y)
 
-
-# the model is fixed but for a small grid searched on the training archs (benchmarks/predictor_models.py's)
-_BOOST_FIXED = {"max_iter": 300}
-_BOOST_GRID = {"learning_rate": [0.03, 0.1], "max_leaf_nodes": [4, 15], "l2_regularization": [0.0, 1.0]}
 
 Predictor = MetricPredictor | BoostedPredictor
 MODELS = ("mlp", "gradient_boosting")  # predictor.model
