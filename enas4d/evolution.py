@@ -45,7 +45,7 @@ def predictor_fitness(model: Predictor, space: SearchSpace, cond: Sequence[float
     """Fitness = predicted R (for ``cond = (omega, target)`` if the predictor is conditional); a gradient-boosting
     predictor reads ``arch_features``, which need the preset ``spec`` (MACs)."""
     if isinstance(model, BoostedPredictor) and spec is None:
-        raise ValueError("a gradient-boosting predictor reads arch_features, which need the preset spec (MACs)")
+        raise ValueError("a gradient-boosting predictor reads encoding.arch_features, which need the preset spec")
     return lambda archs: predict(model, inputs(model, space, spec, archs), cond)
 
 

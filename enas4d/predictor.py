@@ -16,11 +16,11 @@ Two choices beyond the paper:
   an omega or target it was not trained on, without retraining.
 
 **Gradient boosting** (``predictor.model: gradient_boosting``, the default): scikit-learn's
-``HistGradientBoostingRegressor`` on ``encoding.arch_features`` (resolution, per-stage MACs, depths, kernels,
-expands) ranks held-out archs better than the MLP on the one-hot code (docs/DESIGN.md "Search", measured by
-``benchmarks/predictor_models.py``); its few hyperparameters are chosen by 5-fold cross-validation (Kendall
-tau) on the training archs. The file stores the training rows and the chosen hyperparameters, and ``load``
-refits (deterministic, about a second), so loading never unpickles code.
+``HistGradientBoostingRegressor`` on the one-hot code plus ``encoding.arch_features`` (resolution, per-stage
+MACs, depths, kernels, expands; ``boosted_inputs``) ranks held-out archs better than the MLP on the one-hot
+code (docs/DESIGN.md "Search", measured by ``benchmarks/predictor_models.py``); its few hyperparameters are
+chosen by 5-fold cross-validation (Kendall tau) on the training archs. The file stores the training rows and
+the chosen hyperparameters, and ``load`` refits (deterministic, a few seconds), so loading never unpickles code.
 """
 
 from __future__ import annotations
@@ -95,7 +95,7 @@ _BOOST_GRID = {"learning_rate": [0.03, 0.1], "max_leaf_nodes": [4, 15], "l2_regu
 
 @dataclass(eq=False)
 class BoostedPredictor:
-    """Gradient-boosted trees on ``arch_features`` rows; ``X``/``y``/``params``/``seed`` rebuild it exactly."""
+    """Gradient-boosted trees on ``boosted_inputs`` rows; ``X``/``y``/``params``/``seed`` rebuild it exactly."""
 
     X: np.ndarray  # training rows
     y: np.ndarray
@@ -178,7 +178,7 @@ def _kendall(a: np.ndarray, b: np.ndarray) -> float:
 
 def train_boosted(X: np.ndarray, y: np.ndarray, *, val_fraction: float, seed: int
                   ) -> tuple[BoostedPredictor, TrainReport]:
-    """Gradient boosting on ``X`` (``arch_features`` rows) for one objective ``y`` [archs]: the same arch split
+    """Gradient boosting on ``X`` (``boosted_inputs`` rows) for one objective ``y`` [archs]: the same arch split
     as ``train_predictor`` with the same ``seed``; hyperparameters by 5-fold CV (Kendall tau) on the training
     archs only."""
     X, y = np.asarray(X, dtype=np.float64), np.asarray(y, dtype=np.float64)
@@ -207,7 +207,7 @@ def train_configured(settings: Mapping[str, Any], space: SearchSpace, spec: Supe
     """The model ``settings["model"]`` names (the ``predictor`` params section) for one objective ``y`` [archs],
     on the input it reads; the same ``seed`` holds out the same archs for either model."""
     if settings["model"] == "gradient_boosting":
-        return train_boosted(arch_features(spec, archs), y, val_fraction=settings["val_fraction"], seed=seed)
+        return train_boosted(boosted_inputs(space, spec, archs), y, val_fraction=settings["val_fraction"], seed=seed)
     if settings["model"] != "mlp":
         raise ValueError(f"predictor.model: got {settings['model']!r}; allowed: {', '.join(MODELS)}")
     return train_predictor(encode_many(space, archs), y, seed=seed, **mlp_settings(settings))
@@ -289,15 +289,21 @@ def evaluate_predictor(model: Predictor, X: np.ndarray, y: np.ndarray,
                          true.reshape(-1), pred.reshape(-1), rows, per)
 
 
+def boosted_inputs(space: SearchSpace, spec: SupernetSpec, archs: Sequence[MultiStageArch]) -> np.ndarray:
+    """The gradient-boosting predictor's rows: the one-hot code, then ``arch_features`` (trees rank held-out archs
+    better on both than on either, docs/DESIGN.md "Search")."""
+    return np.concatenate([encode_many(space, archs).astype(np.float64), arch_features(spec, archs)], axis=1)
+
+
 def inputs(model: Predictor, space: SearchSpace, spec: SupernetSpec | None,
            archs: Sequence[MultiStageArch]) -> np.ndarray:
-    """The rows ``model`` reads for ``archs``: the one-hot code (MLP) or ``arch_features`` (boosting, which
+    """The rows ``model`` reads for ``archs``: the one-hot code (MLP) or ``boosted_inputs`` (boosting, which
     needs the preset ``spec`` for MACs)."""
     if not isinstance(model, BoostedPredictor):
         return encode_many(space, archs)
     if spec is None:
-        raise ValueError("a gradient-boosting predictor reads arch_features, which need the preset spec (MACs)")
-    return arch_features(spec, archs)
+        raise ValueError("a gradient-boosting predictor reads encoding.arch_features, which need the preset spec")
+    return boosted_inputs(space, spec, archs)
 
 
 @torch.inference_mode()

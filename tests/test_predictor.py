@@ -144,11 +144,15 @@ def test_boosting_ranks_held_out_archs_like_the_mlp_split(data5) -> None:
     _, mlp_report = pr.train_configured({**settings, "model": "mlp"}, SPACE5, spec, archs, r, seed=0)
     assert isinstance(model, pr.BoostedPredictor)
     np.testing.assert_array_equal(report.val_archs, mlp_report.val_archs)  # same archs held out
-    # this synthetic space is hard at 120 training archs (the MLP ranks at ~0.06); boosting reaches ~0.17
-    assert report.held_out.kendall_tau > mlp_report.held_out.kendall_tau + 0.05
+    assert report.held_out.kendall_tau > 0  # the synthetic R is noisy for 5 units and 120 archs (MLP: ~0.06)
+    # an R that is a function of the arch's MACs: boosting reads them, so it ranks held-out archs nearly exactly
+    macs_r = -arch_features(spec, archs)[:, 3]  # cumulative MMACs of the last stage
+    _, exact = pr.train_configured(settings, SPACE5, spec, archs, macs_r, seed=0)
+    assert exact.held_out.kendall_tau > 0.8
     assert set(model.params) == {"learning_rate", "max_leaf_nodes", "l2_regularization"}
     again, _ = pr.train_configured(settings, SPACE5, spec, archs, r, seed=0)
-    X = arch_features(spec, archs)
+    X = pr.boosted_inputs(SPACE5, spec, archs)
+    assert X.shape[1] == SPACE5.encoding_size + arch_features(spec, archs[:1]).shape[1]
     np.testing.assert_array_equal(pr.predict(again, X), pr.predict(model, X))
     with pytest.raises(ValueError, match="cond"):
         pr.predict(model, X, (0.09, 1.5))
@@ -159,11 +163,11 @@ def test_boosting_ranks_held_out_archs_like_the_mlp_split(data5) -> None:
 def test_boosting_file_round_trip_and_fitness(data5, tmp_path) -> None:
     archs, r = data5
     spec = PRESETS["fmnist_small"]
-    model, _ = pr.train_boosted(arch_features(spec, archs), r, val_fraction=0.25, seed=0)
+    model, _ = pr.train_boosted(pr.boosted_inputs(SPACE5, spec, archs), r, val_fraction=0.25, seed=0)
     path, objective = tmp_path / "multistage-1.5.pt", pr.Objective("multistage", 0.09, 1.5)
     pr.save(model, path, objective)
     loaded = pr.load(path, objective)
-    X = arch_features(spec, archs[:20])
+    X = pr.boosted_inputs(SPACE5, spec, archs[:20])
     np.testing.assert_array_equal(pr.predict(loaded, X), pr.predict(model, X))  # refit == saved model
     with pytest.raises(ValueError, match="multistage-1.5.pt: predictor trained for kind multistage, omega 0.09"):
         pr.load(path, pr.Objective("static", 0.09, 1.5))
