@@ -6,8 +6,8 @@ ones with a few numpy operations. The layout is ``SearchSpace.encode``'s: per st
 ``[one-hot kernel | one-hot expand]`` (zeros for a skipped slot), then per unit one-hot depth; finally the
 one-hot resolution.
 
-``arch_features`` is the other input a predictor can read (``predictor.model: gradient_boosting``): a few
-numeric facts per stage, MACs among them.
+``arch_features`` adds a few numeric facts per stage, MACs among them, for the gradient-boosting predictor
+(``predictor.model: gradient_boosting`` reads the one-hot code and these).
 """
 
 from __future__ import annotations
@@ -70,11 +70,11 @@ def encode_many(space: SearchSpace, archs: Sequence[MultiStageArch]) -> np.ndarr
 
 
 def arch_features(spec: SupernetSpec, archs: Sequence[MultiStageArch]) -> np.ndarray:
-    """Numeric features [len(archs), 1 + 2 S + 3 S U] (float64), the gradient-boosting predictor's input.
+    """Numeric features [len(archs), 1 + 2 S + 3 S U] (float64), half of the gradient-boosting predictor's input.
 
     Per arch: the resolution; per stage the cumulative MMACs (``cost.stage_macs``, what the database stores)
     and the MMACs the stage adds; per stage and unit the depth and the mean kernel and mean expand of the
-    slots it runs. Trees split on these directly, where the one-hot code spreads the same facts over 400
+    slots it runs. Trees split on these directly, where the one-hot code spreads the same facts over ~400
     columns (docs/DESIGN.md "Search": held-out Kendall tau of each model and encoding).
     """
     units = len(spec.units)
