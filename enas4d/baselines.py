@@ -31,16 +31,15 @@ import numpy as np
 from enas4d import cost, thresholds
 from enas4d.cost import mmacs
 from enas4d.database import ArchRows
-from enas4d.encoding import encode_many
 from enas4d.evolution import Fitness
-from enas4d.predictor import MetricPredictor, predict
+from enas4d.predictor import Predictor, inputs, predict
 from enas4d.space import MultiStageArch, SearchSpace, SubnetArch
 from enas4d.supernet import SupernetSpec
 
 # ---------------------------------------------------------------------------------------------- static subnets
 
 
-def static_fitness(models: Mapping[float, MetricPredictor], space: SearchSpace, spec: SupernetSpec,
+def static_fitness(models: Mapping[float, Predictor], space: SearchSpace, spec: SupernetSpec,
                    target: float, omega: float) -> Fitness:
     """Predicted R of single-exit archs for ``target`` (MMACs), from the per-target static predictors.
 
@@ -56,7 +55,7 @@ def static_fitness(models: Mapping[float, MetricPredictor], space: SearchSpace, 
     def fitness(archs: Sequence[MultiStageArch]) -> np.ndarray:
         m = mmacs([cost.subnet_macs(spec, a.stage(0)) for a in archs])
         scale = np.power(np.minimum(target / m, 1.0) / np.minimum(t0 / m, 1.0), omega)
-        return predict(model, encode_many(static_space, archs)) * scale
+        return predict(model, inputs(model, static_space, spec, archs)) * scale
 
     return fitness
 

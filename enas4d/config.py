@@ -126,7 +126,7 @@ class SearchConfig:
 
 @dataclass(frozen=True)
 class PredictorConfig:
-    """``predictor:`` the MLP that predicts R from an arch encoding."""
+    """``predictor:`` the model that predicts R from an arch (the search's fitness) and the paper's MLP."""
 
     hidden: tuple[int, ...] = _rule(**POSITIVE)
     lr: float = _rule(**POSITIVE)
@@ -134,6 +134,7 @@ class PredictorConfig:
     epochs: int = _rule(**POSITIVE)
     batch_size: int = _rule(**POSITIVE)
     val_fraction: float = _rule(gt=0, lt=1)
+    model: str = _rule(choices=("mlp", "gradient_boosting"))  # the search's; the MLP is reported beside
 
 
 @dataclass(frozen=True)

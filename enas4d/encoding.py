@@ -5,6 +5,9 @@ child (50,000 for 100 x 500), so this path gathers all archs' integers into arra
 ones with a few numpy operations. The layout is ``SearchSpace.encode``'s: per stage, per slot
 ``[one-hot kernel | one-hot expand]`` (zeros for a skipped slot), then per unit one-hot depth; finally the
 one-hot resolution.
+
+``arch_features`` adds a few numeric facts per stage, MACs among them, for the gradient-boosting predictor
+(``predictor.model: gradient_boosting`` reads the one-hot code and these).
 """
 
 from __future__ import annotations
@@ -14,7 +17,9 @@ from itertools import chain
 
 import numpy as np
 
+from enas4d.cost import mmacs, stage_macs
 from enas4d.space import MultiStageArch, SearchSpace
+from enas4d.supernet import SupernetSpec
 
 
 def _index(values: np.ndarray, choices: Sequence[int], what: str) -> np.ndarray:
@@ -62,3 +67,26 @@ def encode_many(space: SearchSpace, archs: Sequence[MultiStageArch]) -> np.ndarr
     out[np.arange(n)[:, None, None], depth_base + _index(depths, space.depths, "depth")] = 1
     out[np.arange(n), stages * per_stage + _index(res, space.resolutions, "resolution")] = 1
     return out
+
+
+def arch_features(spec: SupernetSpec, archs: Sequence[MultiStageArch]) -> np.ndarray:
+    """Numeric features [len(archs), 1 + 2 S + 3 S U] (float64), half of the gradient-boosting predictor's input.
+
+    Per arch: the resolution; per stage the cumulative MMACs (``cost.stage_macs``, what the database stores)
+    and the MMACs the stage adds; per stage and unit the depth and the mean kernel and mean expand of the
+    slots it runs. Trees split on these directly, where the one-hot code spreads the same facts over ~400
+    columns (docs/DESIGN.md "Search": held-out Kendall tau of each model and encoding).
+    """
+    units = len(spec.units)
+    rows = []
+    for arch in archs:
+        cum = mmacs(stage_macs(spec, arch))
+        row = [float(arch.resolution), *cum, *np.diff(cum, prepend=0.0)]
+        for s in range(arch.num_stages):
+            k = np.asarray(arch.kernels[s]).reshape(units, -1)
+            e = np.asarray(arch.expands[s]).reshape(units, -1)
+            run = k > 0  # a skipped slot holds kernel 0; every unit runs at least one block
+            for u in range(units):
+                row += [float(arch.depths[s][u]), float(k[u][run[u]].mean()), float(e[u][run[u]].mean())]
+        rows.append(row)
+    return np.asarray(rows, dtype=np.float64).reshape(len(rows), -1)

@@ -25,9 +25,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from enas4d.encoding import encode_many
-from enas4d.predictor import MetricPredictor, predict
+from enas4d.predictor import BoostedPredictor, Predictor, inputs, predict
 from enas4d.space import MultiStageArch, SearchSpace
+from enas4d.supernet import SupernetSpec
 
 Fitness = Callable[[Sequence[MultiStageArch]], np.ndarray]
 
@@ -40,9 +40,13 @@ class EvolutionResult:
     evaluations: int  # archs passed to the fitness (repeats included)
 
 
-def predictor_fitness(model: MetricPredictor, space: SearchSpace, cond: Sequence[float] | None = None) -> Fitness:
-    """Fitness = predicted R (for ``cond = (omega, target)`` if the predictor is conditional)."""
-    return lambda archs: predict(model, encode_many(space, archs), cond)
+def predictor_fitness(model: Predictor, space: SearchSpace, cond: Sequence[float] | None = None,
+                      spec: SupernetSpec | None = None) -> Fitness:
+    """Fitness = predicted R (for ``cond = (omega, target)`` if the predictor is conditional); a gradient-boosting
+    predictor reads ``arch_features``, which need the preset ``spec`` (MACs)."""
+    if isinstance(model, BoostedPredictor) and spec is None:
+        raise ValueError("a gradient-boosting predictor reads encoding.arch_features, which need the preset spec")
+    return lambda archs: predict(model, inputs(model, space, spec, archs), cond)
 
 
 def _evaluate(fitness: Fitness, archs: list[MultiStageArch]) -> np.ndarray:

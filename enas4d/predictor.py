@@ -14,6 +14,13 @@ Two choices beyond the paper:
 - **Conditional predictor.** With ``cond`` (one ``(omega, target)`` pair per column of ``y``) the network also
   takes the normalized pair as input and is trained on every (arch, pair) row, so one model predicts R for
   an omega or target it was not trained on, without retraining.
+
+**Gradient boosting** (``predictor.model: gradient_boosting``, the default): scikit-learn's
+``HistGradientBoostingRegressor`` on the one-hot code plus ``encoding.arch_features`` (resolution, per-stage
+MACs, depths, kernels, expands; ``boosted_inputs``) ranks held-out archs better than the MLP on the one-hot
+code (docs/DESIGN.md "Search", measured by ``benchmarks/predictor_models.py``); its few hyperparameters are
+chosen by 5-fold cross-validation (Kendall tau) on the training archs. The file stores the training rows and
+the chosen hyperparameters, and ``load`` refits (deterministic, a few seconds), so loading never unpickles code.
 """
 
 from __future__ import annotations
@@ -21,17 +28,23 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 from scipy.stats import kendalltau
-from sklearn.metrics import root_mean_squared_error
+from sklearn.ensemble import HistGradientBoostingRegressor
+from sklearn.metrics import make_scorer, root_mean_squared_error
+from sklearn.model_selection import GridSearchCV, KFold
 from sklearn.preprocessing import StandardScaler
 from torch import nn
 
+from enas4d.encoding import arch_features, encode_many
 from enas4d.files import atomic_write
+from enas4d.space import MultiStageArch, SearchSpace
+from enas4d.supernet import SupernetSpec
 
 _FORMAT = "enas4d.predictor/2"  # /2: the file records its objective
 
@@ -73,6 +86,29 @@ class MetricPredictor(nn.Module):
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
         return self.y_mean + self.y_std * self.standardized(x, cond)
+
+
+# the model is fixed but for a small grid searched on the training archs (benchmarks/predictor_models.py's)
+_BOOST_FIXED = {"max_iter": 300}
+_BOOST_GRID = {"learning_rate": [0.03, 0.1], "max_leaf_nodes": [4, 15], "l2_regularization": [0.0, 1.0]}
+
+
+@dataclass(eq=False)
+class BoostedPredictor:
+    """Gradient-boosted trees on ``boosted_inputs`` rows; ``X``/``y``/``params``/``seed`` rebuild it exactly."""
+
+    X: np.ndarray  # training rows
+    y: np.ndarray
+    params: dict  # HistGradientBoostingRegressor keywords chosen by cross-validation
+    seed: int
+
+    def __post_init__(self) -> None:
+        self.estimator = HistGradientBoostingRegressor(**_BOOST_FIXED, **self.params, random_state=self.seed)
+        self.estimator.fit(self.X, self.y)
+
+
+Predictor = MetricPredictor | BoostedPredictor
+MODELS = ("mlp", "gradient_boosting")  # predictor.model
 
 
 @dataclass
@@ -124,6 +160,59 @@ def _check(X: np.ndarray, y: np.ndarray, cond: np.ndarray | None) -> None:
         raise ValueError("X and y must be finite")
 
 
+def split_archs(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Training and held-out archs (sorted): a ``default_rng(seed)`` permutation, ``val_fraction`` held out."""
+    if not 0 < val_fraction < 1:
+        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    perm = np.random.default_rng(seed).permutation(n)
+    n_val = round(val_fraction * n)
+    if n_val < 2 or n - n_val < 1:
+        raise ValueError(f"{n} archs with val_fraction {val_fraction} leave {n_val} held out (need >= 2) "
+                         f"and {n - n_val} for training")
+    return np.sort(perm[n_val:]), np.sort(perm[:n_val])
+
+
+def _kendall(a: np.ndarray, b: np.ndarray) -> float:
+    return float(kendalltau(a, b).statistic)
+
+
+def train_boosted(X: np.ndarray, y: np.ndarray, *, val_fraction: float, seed: int
+                  ) -> tuple[BoostedPredictor, TrainReport]:
+    """Gradient boosting on ``X`` (``boosted_inputs`` rows) for one objective ``y`` [archs]: the same arch split
+    as ``train_predictor`` with the same ``seed``; hyperparameters by 5-fold CV (Kendall tau) on the training
+    archs only."""
+    X, y = np.asarray(X, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    _check(X, y, None)
+    train, val = split_archs(len(X), val_fraction, seed)
+    start = time.perf_counter()
+    if len(train) >= 10:
+        search = GridSearchCV(HistGradientBoostingRegressor(**_BOOST_FIXED, random_state=seed), _BOOST_GRID,
+                              scoring=make_scorer(_kendall), cv=KFold(5, shuffle=True, random_state=seed),
+                              refit=False)
+        params = dict(search.fit(X[train], y[train]).best_params_)
+    else:  # too few archs to rank within folds (the smoke profile): the grid's first point
+        params = {k: v[0] for k, v in _BOOST_GRID.items()}
+    model = BoostedPredictor(X[train], y[train], params, seed)
+    seconds = time.perf_counter() - start
+    return model, TrainReport(evaluate_predictor(model, X[val], y[val]), seconds, len(train), val, [])
+
+
+def mlp_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """``train_predictor``'s keywords from the ``predictor`` params section (all but ``model``)."""
+    return {k: v for k, v in settings.items() if k != "model"}
+
+
+def train_configured(settings: Mapping[str, Any], space: SearchSpace, spec: SupernetSpec,
+                     archs: Sequence[MultiStageArch], y: np.ndarray, *, seed: int) -> tuple[Predictor, TrainReport]:
+    """The model ``settings["model"]`` names (the ``predictor`` params section) for one objective ``y`` [archs],
+    on the input it reads; the same ``seed`` holds out the same archs for either model."""
+    if settings["model"] == "gradient_boosting":
+        return train_boosted(boosted_inputs(space, spec, archs), y, val_fraction=settings["val_fraction"], seed=seed)
+    if settings["model"] != "mlp":
+        raise ValueError(f"predictor.model: got {settings['model']!r}; allowed: {', '.join(MODELS)}")
+    return train_predictor(encode_many(space, archs), y, seed=seed, **mlp_settings(settings))
+
+
 def train_predictor(X: np.ndarray, y: np.ndarray, *, hidden: Sequence[int], lr: float, weight_decay: float,
                     epochs: int, batch_size: int, val_fraction: float, seed: int,
                     cond: np.ndarray | None = None, standardize: bool = True) -> tuple[MetricPredictor, TrainReport]:
@@ -135,14 +224,7 @@ def train_predictor(X: np.ndarray, y: np.ndarray, *, hidden: Sequence[int], lr: 
     X, y = np.asarray(X, dtype=np.float32), np.asarray(y, dtype=np.float64)
     cond = None if cond is None else np.asarray(cond, dtype=np.float64)
     _check(X, y, cond)
-    if not 0 < val_fraction < 1:
-        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
-    perm = np.random.default_rng(seed).permutation(len(X))
-    n_val = round(val_fraction * len(X))
-    if n_val < 2 or len(X) - n_val < 1:
-        raise ValueError(f"{len(X)} archs with val_fraction {val_fraction} leave {n_val} held out (need >= 2) "
-                         f"and {len(X) - n_val} for training")
-    train, val = np.sort(perm[n_val:]), np.sort(perm[:n_val])
+    train, val = split_archs(len(X), val_fraction, seed)
     xt, ct, yt = _rows(X, y, cond, train)
 
     with torch.random.fork_rng(devices=[]):
@@ -182,14 +264,14 @@ def train_predictor(X: np.ndarray, y: np.ndarray, *, hidden: Sequence[int], lr: 
     return model, TrainReport(evaluate_predictor(model, X[val], y[val], cond), seconds, len(train), val, losses)
 
 
-def evaluate_predictor(model: MetricPredictor, X: np.ndarray, y: np.ndarray,
+def evaluate_predictor(model: Predictor, X: np.ndarray, y: np.ndarray,
                        cond: np.ndarray | None = None) -> PredictorEval:
     """RMSE and Kendall tau of ``model`` on archs ``X`` with true R ``y`` ([archs] or [archs, P] with ``cond``).
 
     Kendall tau ranks archs for one objective at a time (ranking across objectives would reward merely
     knowing that a looser target gives a higher R); with several objectives it is their mean.
     """
-    X, y = np.asarray(X, dtype=np.float32), np.asarray(y, dtype=np.float64)
+    X, y = np.asarray(X), np.asarray(y, dtype=np.float64)
     cond = None if cond is None else np.asarray(cond, dtype=np.float64)
     _check(X, y, cond)
     true = y[:, None] if cond is None else y
@@ -207,10 +289,34 @@ def evaluate_predictor(model: MetricPredictor, X: np.ndarray, y: np.ndarray,
                          true.reshape(-1), pred.reshape(-1), rows, per)
 
 
+def boosted_inputs(space: SearchSpace, spec: SupernetSpec, archs: Sequence[MultiStageArch]) -> np.ndarray:
+    """The gradient-boosting predictor's rows: the one-hot code, then ``arch_features`` (trees rank held-out archs
+    better on both than on either, docs/DESIGN.md "Search")."""
+    return np.concatenate([encode_many(space, archs).astype(np.float64), arch_features(spec, archs)], axis=1)
+
+
+def inputs(model: Predictor, space: SearchSpace, spec: SupernetSpec | None,
+           archs: Sequence[MultiStageArch]) -> np.ndarray:
+    """The rows ``model`` reads for ``archs``: the one-hot code (MLP) or ``boosted_inputs`` (boosting, which
+    needs the preset ``spec`` for MACs)."""
+    if not isinstance(model, BoostedPredictor):
+        return encode_many(space, archs)
+    if spec is None:
+        raise ValueError("a gradient-boosting predictor reads encoding.arch_features, which need the preset spec")
+    return boosted_inputs(space, spec, archs)
+
+
 @torch.inference_mode()
-def predict(model: MetricPredictor, X: np.ndarray, cond: np.ndarray | Sequence[float] | None = None,
+def predict(model: Predictor, X: np.ndarray, cond: np.ndarray | Sequence[float] | None = None,
             batch_size: int = 8192) -> np.ndarray:
     """Predicted R for the rows of ``X``; ``cond`` is one ``(omega, target)`` for all rows or one per row."""
+    if isinstance(model, BoostedPredictor):
+        X = np.asarray(X, dtype=np.float64)
+        if X.ndim != 2 or X.shape[1] != model.X.shape[1]:
+            raise ValueError(f"X must be [rows, {model.X.shape[1]}], got {X.shape}")
+        if cond is not None:
+            raise ValueError("a gradient-boosting predictor takes no cond")
+        return model.estimator.predict(X).astype(np.float64)
     X = np.asarray(X, dtype=np.float32)
     if X.ndim != 2 or X.shape[1] != model.in_features:
         raise ValueError(f"X must be [rows, {model.in_features}], got {X.shape}")
@@ -229,15 +335,21 @@ def predict(model: MetricPredictor, X: np.ndarray, cond: np.ndarray | Sequence[f
     return out
 
 
-def save(model: MetricPredictor, path: str | os.PathLike, objective: Objective) -> None:
-    """Write the weights, the sizes needed to rebuild the model and its ``objective``, atomically."""
-    blob = {"format": _FORMAT, "state_dict": model.state_dict(),
-            "meta": {"in_features": model.in_features, "hidden": list(model.hidden), "n_cond": model.n_cond},
-            "objective": dataclasses.asdict(objective)}
+def save(model: Predictor, path: str | os.PathLike, objective: Objective) -> None:
+    """Write what rebuilds the model (MLP: weights and sizes; boosting: training rows and hyperparameters) and
+    its ``objective``, atomically."""
+    if isinstance(model, BoostedPredictor):
+        blob = {"format": _FORMAT, "model": "gradient_boosting", "X": torch.from_numpy(model.X),
+                "y": torch.from_numpy(model.y), "params": dict(model.params), "seed": model.seed,
+                "objective": dataclasses.asdict(objective)}
+    else:
+        blob = {"format": _FORMAT, "state_dict": model.state_dict(),
+                "meta": {"in_features": model.in_features, "hidden": list(model.hidden), "n_cond": model.n_cond},
+                "objective": dataclasses.asdict(objective)}
     atomic_write(path, lambda f: torch.save(blob, f))
 
 
-def load(path: str | os.PathLike, objective: Objective) -> MetricPredictor:
+def load(path: str | os.PathLike, objective: Objective) -> Predictor:
     """Read a model written by ``save`` for ``objective``; anything else (another objective included) raises one
     ValueError naming the file."""
     try:
@@ -249,10 +361,13 @@ def load(path: str | os.PathLike, objective: Objective) -> MetricPredictor:
     if not isinstance(blob, dict) or blob.get("format") != _FORMAT:
         raise ValueError(f"{path}: not an enas4d predictor checkpoint (expected format {_FORMAT})")
     try:
-        meta = blob["meta"]
-        model = MetricPredictor(meta["in_features"], meta["hidden"], meta["n_cond"])
-        model.load_state_dict(blob["state_dict"])
-    except (KeyError, TypeError, RuntimeError) as err:
+        if blob.get("model", "mlp") == "gradient_boosting":
+            model = BoostedPredictor(blob["X"].numpy(), blob["y"].numpy(), dict(blob["params"]), int(blob["seed"]))
+        else:
+            meta = blob["meta"]
+            model = MetricPredictor(meta["in_features"], meta["hidden"], meta["n_cond"])
+            model.load_state_dict(blob["state_dict"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as err:
         reason = str(err).splitlines()[0]
         raise ValueError(f"{path}: predictor checkpoint does not match its sizes ({reason})") from None
     try:
@@ -262,7 +377,7 @@ def load(path: str | os.PathLike, objective: Objective) -> MetricPredictor:
     if trained != objective:
         raise ValueError(f"{path}: predictor trained for {_show(trained)}, this run asks for {_show(objective)}; "
                          "rerun the predictor stage (dvc repro predictor)")
-    return model.eval()
+    return model.eval() if isinstance(model, MetricPredictor) else model
 
 
 def _show(o: Objective) -> str:

@@ -27,7 +27,6 @@ from torch import Tensor, nn
 from enas4d import config, cost, data, latency as lat, predictor, probe, report, thresholds
 from enas4d.database import ArchRows, Database
 from enas4d.deploy import export_multistage, export_static
-from enas4d.encoding import encode_many
 from enas4d.evaluate import deploy, evaluate_subnet, split_images
 from enas4d.multistage import MultiStageNet
 from enas4d.runtime import EarlyExitSession
@@ -106,14 +105,13 @@ def _backend(lut: lat.LatencyTable) -> str:
     return f"eager PyTorch {lut.meta['machine']['torch']}"
 
 
-def latency_predictors(space: SearchSpace, db: Database, stage_ms: np.ndarray, targets: Sequence[float],
-                       omega: float, grid: float, seed: int, settings: config.PredictorConfig,
-                       ) -> tuple[dict[float, predictor.MetricPredictor], pd.DataFrame]:
-    """Per latency target, the paper's predictor trained on the database's R with the table's stage latencies as
-    the cost; returns the models and a summary of their errors."""
-    X = encode_many(space, db.archs)
+def latency_predictors(space: SearchSpace, spec: SupernetSpec, db: Database, stage_ms: np.ndarray,
+                       targets: Sequence[float], omega: float, grid: float, seed: int,
+                       settings: config.PredictorConfig) -> tuple[dict[float, predictor.Predictor], pd.DataFrame]:
+    """Per latency target, the ``predictor.model`` predictor trained on the database's R with the table's stage
+    latencies as the cost; returns the models and a summary of their errors."""
     y = thresholds.r_for_targets(db.conf, db.correct, stage_ms, [(omega, t) for t in targets], grid)
-    trained = {t: predictor.train_predictor(X, y[:, i], seed=seed, **config.to_dict(settings))
+    trained = {t: predictor.train_configured(config.to_dict(settings), space, spec, db.archs, y[:, i], seed=seed)
                for i, t in enumerate(targets)}
     summary = pd.DataFrame({"held-out RMSE": [r.held_out.rmse for _, r in trained.values()],
                             "held-out Kendall τ": [r.held_out.kendall_tau for _, r in trained.values()],

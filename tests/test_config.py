@@ -81,6 +81,7 @@ def test_int_given_for_float_becomes_float(tmp_path: Path) -> None:
     ("data.metric_size", -1, "data.metric_size: got -1"),
     ("data.train_limit", 0, "data.train_limit: got 0; allowed: an integer > 0 or null"),
     ("predictor.val_fraction", 1.0, "predictor.val_fraction: got 1.0; allowed: a number > 0 and < 1"),
+    ("predictor.model", "forest", "predictor.model: got 'forest'; allowed: one of mlp, gradient_boosting"),
     ("device", "tpu", "device: got 'tpu'; allowed: one of auto, cpu, cuda"),
     ("data.name", "mnist", "allowed: one of fashion-mnist, imagefolder, imagenet"),
     ("threads", "2", "threads: got '2'; allowed: an integer > 0"),

@@ -113,9 +113,14 @@ def test_one_step_of_every_stage_at_resolution_128(imagefolder: Path, tmp_path: 
     r = thresholds.r_for_targets(db.conf, db.correct, mmacs, [(cfg.search.omega, cfg.search.targets[0])],
                                  cfg.search.grid)[:, 0]
     space = msnet.supernet.space
+    settings = config.to_dict(cfg.predictor)
     model, report = predictor.train_predictor(encode_many(space, db.archs), r, seed=cfg.seed,
-                                              **config.to_dict(cfg.predictor))
+                                              **predictor.mlp_settings(settings))
     assert len(report.epoch_loss) == 1 and model.in_features == space.encoding_size
+    assert settings["model"] == "gradient_boosting"  # the search's fitness, on this preset's MACs
+    spec = msnet.supernet.spec
+    boosted, _ = predictor.train_configured(settings, space, spec, db.archs, r, seed=cfg.seed)
+    assert evolution.predictor_fitness(boosted, space, spec=spec)(db.archs).shape == (len(db.archs),)
     e = cfg.evolution
     found = evolution.evolve(space, evolution.predictor_fitness(model, space), population=e.population,
                              generations=e.generations, sample_size=e.sample_size, mutation_prob=e.mutation_prob,
