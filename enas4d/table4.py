@@ -25,7 +25,7 @@ import pandas as pd
 from torch import Tensor, nn
 
 from enas4d import config, cost, data, latency as lat, predictor, probe, report, thresholds
-from enas4d.database import ArchRows, Database
+from enas4d.database import Database
 from enas4d.deploy import export_multistage, export_static
 from enas4d.evaluate import deploy, evaluate_subnet, split_images
 from enas4d.multistage import MultiStageNet
