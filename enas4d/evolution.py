@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from enas4d.predictor import BoostedPredictor, Predictor, inputs, predict
+from enas4d.predictor import Predictor, check_inputs, inputs, predict
 from enas4d.space import MultiStageArch, SearchSpace
 from enas4d.supernet import SupernetSpec
 
@@ -44,8 +44,7 @@ def predictor_fitness(model: Predictor, space: SearchSpace, cond: Sequence[float
                       spec: SupernetSpec | None = None) -> Fitness:
     """Fitness = predicted R (for ``cond = (omega, target)`` if the predictor is conditional); a gradient-boosting
     predictor reads ``arch_features``, which need the preset ``spec`` (MACs)."""
-    if isinstance(model, BoostedPredictor) and spec is None:
-        raise ValueError("a gradient-boosting predictor reads encoding.arch_features, which need the preset spec")
+    check_inputs(model, spec)  # at construction, not at the evolution's first call
     return lambda archs: predict(model, inputs(model, space, spec, archs), cond)
 
 

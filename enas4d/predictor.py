@@ -295,15 +295,18 @@ def boosted_inputs(space: SearchSpace, spec: SupernetSpec, archs: Sequence[Multi
     return np.concatenate([encode_many(space, archs).astype(np.float64), arch_features(spec, archs)], axis=1)
 
 
+def check_inputs(model: Predictor, spec: SupernetSpec | None) -> None:
+    """A gradient-boosting predictor reads ``arch_features``, which need the preset ``spec`` (MACs)."""
+    if isinstance(model, BoostedPredictor) and spec is None:
+        raise ValueError("a gradient-boosting predictor reads encoding.arch_features, which need the preset spec")
+
+
 def inputs(model: Predictor, space: SearchSpace, spec: SupernetSpec | None,
            archs: Sequence[MultiStageArch]) -> np.ndarray:
     """The rows ``model`` reads for ``archs``: the one-hot code (MLP) or ``boosted_inputs`` (boosting, which
     needs the preset ``spec`` for MACs)."""
-    if not isinstance(model, BoostedPredictor):
-        return encode_many(space, archs)
-    if spec is None:
-        raise ValueError("a gradient-boosting predictor reads encoding.arch_features, which need the preset spec")
-    return boosted_inputs(space, spec, archs)
+    check_inputs(model, spec)
+    return boosted_inputs(space, spec, archs) if isinstance(model, BoostedPredictor) else encode_many(space, archs)
 
 
 @torch.inference_mode()
