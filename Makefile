@@ -24,8 +24,11 @@ test: export OMP_WAIT_POLICY ?= PASSIVE
 repro: data
 	dvc repro
 
+# One pytest-xdist worker per core (tests run torch on one thread), work stealing, the smoke pipeline first
+# (tests/conftest.py): the suite takes about as long as that one test. TEST_WORKERS=0 runs it in one process.
+TEST_WORKERS ?= auto
 test: data
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist worksteal
 
 install: $(STAMP)
 

@@ -19,6 +19,12 @@ torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests marked ``long`` first: under ``make test`` (pytest-xdist, work stealing) one worker starts on the
+    longest test while the others take the rest, so the suite takes about as long as that test."""
+    items.sort(key=lambda item: item.get_closest_marker("long") is None)
+
+
 def pretrain_settings(**changes: object) -> config.PretrainConfig:
     """A ``pretrain:`` section for tests: one teacher epoch of batch 16 and OFA's usual rates, unless changed."""
     base = dict(batch_size=16, lr=0.05, lr_shrink=0.05, momentum=0.9, nesterov=True, weight_decay=3e-5,

@@ -12,6 +12,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from conftest import ROOT
 
 STAGES = {"data": "00_data", "supernet": "01_supernet_pretrain", "finetune": "02_multistage_finetune",
@@ -30,6 +32,7 @@ def snapshot(repo: Path) -> dict[str, str]:
             if p.is_file() and p.relative_to(repo).parts[0] not in (".dvc", ".git") and p.name != "params.yaml"}
 
 
+@pytest.mark.long
 def test_smoke_repro_twice(tmp_path: Path) -> None:
     # The source tree as git sees it (tracked + new, not ignored), without the lock of the real run.
     listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT,
